@@ -1,0 +1,1 @@
+"""Data pipeline: corpus → clean/dedup → tokenizer → packing → token shards → loaders."""

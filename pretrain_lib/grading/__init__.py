@@ -1,0 +1,1 @@
+"""Exercises and grading: build exercises from solutions; grade submissions with nbval."""

@@ -1,0 +1,118 @@
+"""Build ``exercises/`` from ``solutions/``.
+
+For each ``solutions/NN_topic.ipynb``: execute it; answer cells (tag ``answer``) keep
+the code outside ``# BEGIN SOLUTION`` / ``# END SOLUTION`` and the part between becomes
+``raise NotImplementedError``; check cells (tag ``check``) keep the outputs the solution
+produced, which nbval compares; every other code cell is tagged ``nbval-ignore-output``.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+from ..utils import REPO_ROOT
+
+SOLUTIONS_DIR = REPO_ROOT / "solutions"
+EXERCISES_DIR = REPO_ROOT / "exercises"
+BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
+STUB = 'raise NotImplementedError("your code here")'
+_BEGIN_LINE = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION\s*$")
+
+
+def tags(cell) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def stub_source(source: str) -> str:
+    """Replace every BEGIN/END SOLUTION region by a stub at the marker's indentation."""
+    out, inside = [], False
+    for lineno, line in enumerate(source.splitlines(), 1):
+        m = _BEGIN_LINE.match(line)
+        if m:
+            if inside:
+                raise ValueError(f"line {lineno}: nested {BEGIN}")
+            inside = True
+            out.append(f"{m['indent']}{STUB}")
+        elif line.strip() == END:
+            if not inside:
+                raise ValueError(f"line {lineno}: {END} without {BEGIN}")
+            inside = False
+        elif not inside:
+            out.append(line)
+    if inside:
+        raise ValueError(f"{BEGIN} without {END}")
+    return "\n".join(out)
+
+
+def execute_solution(solution: Path, timeout_s: int = 600) -> nbformat.NotebookNode:
+    """Run the solution in a scratch copy of its folder and return the executed notebook."""
+    nb = nbformat.read(solution, as_version=4)
+    with tempfile.TemporaryDirectory(prefix="solution-") as tmp:
+        NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
+                       resources={"metadata": {"path": tmp}}).execute()
+    return nb
+
+
+def _clean_outputs(outputs: list) -> list:
+    cleaned = []
+    for o in outputs:
+        o = copy.deepcopy(o)
+        if o.get("output_type") == "execute_result":
+            o["execution_count"] = None
+        o.get("metadata", {}).clear() if isinstance(o.get("metadata"), dict) else None
+        cleaned.append(o)
+    return cleaned
+
+
+def exercise_from_solution(solution: Path, executed: nbformat.NotebookNode | None = None) -> nbformat.NotebookNode:
+    """The exercise notebook for ``solution`` (executing it unless ``executed`` is given)."""
+    source_nb = nbformat.read(solution, as_version=4)
+    executed = executed if executed is not None else execute_solution(solution)
+    by_id = {c.get("id"): c for c in executed.cells}
+    for cell in source_nb.cells:
+        if cell.cell_type != "code":
+            continue
+        cell_tags = tags(cell)
+        cell.execution_count = None
+        if "check" in cell_tags:
+            run = by_id[cell.id]
+            errors = [o for o in run.outputs if o.get("output_type") == "error"]
+            if errors:
+                raise RuntimeError(f"{solution.name}: check cell {cell.id} raised {errors[0].get('ename')} "
+                                   "when the solution ran; fix the solution first")
+            failing = [line for o in run.outputs for line in o.get("text", "").splitlines() if line.startswith("FAIL")]
+            if failing:
+                raise RuntimeError(f"{solution.name}: the solution fails its own check: {failing[0]}")
+            cell.outputs = _clean_outputs(run.outputs)
+        else:
+            cell.outputs = []
+            if "answer" in cell_tags:
+                cell.source = stub_source(cell.source)
+            if "nbval-ignore-output" not in cell_tags:
+                cell.metadata["tags"] = cell_tags + ["nbval-ignore-output"]
+    source_nb.metadata.setdefault("course", {})["exercise_id"] = solution.stem
+    return source_nb
+
+
+def build_all(solutions_dir: Path = SOLUTIONS_DIR, exercises_dir: Path = EXERCISES_DIR) -> list[Path]:
+    """Regenerate every exercise; returns the written paths."""
+    solutions = sorted(solutions_dir.glob("[0-9][0-9]_*.ipynb"))
+    if not solutions:
+        raise FileNotFoundError(f"no solution notebooks (NN_topic.ipynb) in {solutions_dir}")
+    exercises_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for sol in solutions:
+        nb = exercise_from_solution(sol)
+        target = exercises_dir / sol.name
+        tmp = target.with_suffix(".ipynb.tmp")
+        nbformat.write(nb, tmp)
+        shutil.move(tmp, target)  # atomic: an interrupted build leaves the old exercise intact
+        print(f"wrote {target.relative_to(REPO_ROOT) if target.is_relative_to(REPO_ROOT) else target}")
+        written.append(target)
+    return written

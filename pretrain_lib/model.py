@@ -1,0 +1,231 @@
+"""A small pre-LayerNorm Transformer: one block, a causal GPT and a bidirectional MaskedLM.
+
+Shapes: ``input_ids`` ``(batch, seq)`` → logits ``(batch, seq, vocab)``. Attention goes through
+``torch.nn.functional.scaled_dot_product_attention``, which picks a fused kernel (flash
+attention on recent GPUs, a memory-efficient kernel on the CPU).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int | None = None  # None means 4 * d_model
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if not isinstance(self.d_ff, int) or self.d_ff <= 0:
+            raise ValueError(f"ModelConfig.d_ff must be a positive integer, got {self.d_ff!r}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: each head gets "
+                f"d_model / n_heads dimensions; pick n_heads among the divisors of {self.d_model}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.causal = config.causal
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: ``(batch, seq, d_model)``; key_padding_mask: ``(batch, seq)`` bool, True = real token."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        # (batch, heads, seq, head_dim)
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        attn_mask = None
+        if key_padding_mask is not None:
+            attn_mask = key_padding_mask[:, None, None, :].to(torch.bool)
+            if self.causal:
+                causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+                attn_mask = attn_mask & causal
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and attn_mask is None,
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(config.d_model, config.d_ff)
+        self.down = nn.Linear(config.d_ff, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = SelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), key_padding_mask))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class TransformerBackbone(nn.Module):
+    """Token + learned position embeddings, ``n_layers`` blocks, a final LayerNorm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.d_model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        t = input_ids.size(1)
+        if t > self.config.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len={self.config.max_seq_len}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got range "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        pos = torch.arange(t, device=input_ids.device)
+        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x, attention_mask)
+        return self.ln_f(x)
+
+
+def _init_weights(model: nn.Module, n_layers: int) -> None:
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            std = 0.02
+            # GPT-2: scale the projections that write into the residual stream so its
+            # variance does not grow with depth.
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                std = 0.02 / math.sqrt(2 * n_layers)
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+
+
+class _LanguageModel(nn.Module):
+    config: ModelConfig
+    backbone: TransformerBackbone
+
+    def num_params(self, *, non_embedding: bool = False) -> int:
+        """Number of parameters (tied weights counted once); ``non_embedding`` drops the
+        token and position embeddings, the count Kaplan et al. and Chinchilla use."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.backbone.tok_emb.weight.numel() + self.backbone.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 N plus the attention scores.
+
+        N counts every matrix multiply's weights (non-embedding parameters plus the output
+        projection onto the vocabulary); each multiply-add is 2 FLOPs forward and 4
+        backward. The attention term, 6 · 2 · n_layers · seq_len · d_model, covers QKᵀ and
+        the weighted sum of V, which have no parameters (Kaplan et al., 2020, Table 1).
+        """
+        c = self.config
+        t = c.max_seq_len if seq_len is None else seq_len
+        n_matmul = self.num_params(non_embedding=True) + c.vocab_size * c.d_model
+        return 6.0 * n_matmul + 12.0 * c.n_layers * t * c.d_model
+
+
+class GPT(_LanguageModel):
+    """Decoder-only causal language model with the output projection tied to the token embedding."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if not config.causal:
+            raise ValueError("GPT is a causal decoder: build it from a ModelConfig with causal=True")
+        self.config = config
+        self.backbone = TransformerBackbone(config)
+        _init_weights(self, config.n_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.backbone(input_ids, attention_mask)
+        return h @ self.backbone.tok_emb.weight.T  # tied embeddings
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Extend ``input_ids`` ``(batch, seq)`` by sampling; ``temperature=0`` means greedy."""
+        was_training = self.training
+        self.eval()
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            logits = self(ids[:, -self.config.max_seq_len:])[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(ids.device)
+            ids = torch.cat([ids, nxt], dim=1)
+        self.train(was_training)
+        return ids
+
+
+class MaskedLM(_LanguageModel):
+    """Bidirectional encoder with a BERT-style MLM head (dense → GELU → LayerNorm → tied decoder)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.causal:
+            raise ValueError("MaskedLM is a bidirectional encoder: build it from a ModelConfig with causal=False")
+        self.config = config
+        self.backbone = TransformerBackbone(config)
+        self.head_dense = nn.Linear(config.d_model, config.d_model)
+        self.head_ln = nn.LayerNorm(config.d_model)
+        self.head_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        _init_weights(self, config.n_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.backbone(input_ids, attention_mask)
+        h = self.head_ln(F.gelu(self.head_dense(h)))
+        return h @ self.backbone.tok_emb.weight.T + self.head_bias

@@ -1,0 +1,75 @@
+"""Small helpers every chapter uses: device choice, seeding, and where figures go."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn a device request into a ``torch.device``.
+
+    ``"auto"`` picks CUDA when a GPU is visible and the CPU otherwise; anything else is
+    passed to ``torch.device`` after checking that a CUDA request can be honoured.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {type(device).__name__}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} was requested but no CUDA GPU is visible; use device='auto' or 'cpu'")
+    return resolved
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) and return a CPU generator seeded the same way.
+
+    Course code prefers an explicit generator; seeding the global state as well makes
+    module initialisation (``nn.Linear`` weights) reproducible.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on CUDA (where it is fast and safe), a no-op context on the CPU (fp32)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+def is_headless() -> bool:
+    """True when a notebook runs without a person watching (papermill in ``make run``, tests, CI).
+
+    The runner sets ``COURSE_HEADLESS=1``; CI sets ``CI=true``. Widgets then fall back to
+    static figures.
+    """
+    return os.environ.get("COURSE_HEADLESS", "") not in ("", "0") or os.environ.get("CI", "") == "true"
+
+
+def figure_dir() -> Path:
+    """Folder where notebooks save their figures (``COURSE_FIGURE_DIR`` or ``build/figures``)."""
+    path = Path(os.environ.get("COURSE_FIGURE_DIR", REPO_ROOT / "build" / "figures"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_figure(fig, name: str) -> Path:
+    """Write ``fig`` as ``<figure_dir>/<name>.png`` and return the path; the notebook still shows it."""
+    if not name or "/" in name or "\\" in name:
+        raise ValueError(f"figure name must be a plain file stem, got {name!r}")
+    path = figure_dir() / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
