@@ -100,9 +100,15 @@ def exercise_from_solution(solution: Path, executed: nbformat.NotebookNode | Non
     return source_nb
 
 
-def build_all(solutions_dir: Path = SOLUTIONS_DIR, exercises_dir: Path = EXERCISES_DIR) -> list[Path]:
-    """Regenerate every exercise; returns the written paths."""
+def build_all(solutions_dir: Path = SOLUTIONS_DIR, exercises_dir: Path = EXERCISES_DIR,
+              names: list[str] | None = None) -> list[Path]:
+    """Regenerate every exercise (or those whose stem is in ``names``); returns the written paths."""
     solutions = sorted(solutions_dir.glob("[0-9][0-9]_*.ipynb"))
+    if names:
+        unknown = set(names) - {s.stem for s in solutions}
+        if unknown:
+            raise FileNotFoundError(f"no solution notebook named {sorted(unknown)} in {solutions_dir}")
+        solutions = [s for s in solutions if s.stem in names]
     if not solutions:
         raise FileNotFoundError(f"no solution notebooks (NN_topic.ipynb) in {solutions_dir}")
     exercises_dir.mkdir(parents=True, exist_ok=True)
