@@ -139,7 +139,7 @@ def train(
                 history.eval_losses.append(float(eval_fn(model)))
             model.train()
         if step % 10 == 0 or step + 1 == steps:
-            bar.set_postfix(loss=f"{history.final_loss(10):.3f}")
+            bar.set_postfix(loss=f"{history.final_loss(10):.3f}", refresh=False)
     history.seconds = time.perf_counter() - start
     bar.close()
     return history
