@@ -165,7 +165,7 @@ class _LanguageModel(nn.Module):
         N counts every matrix multiply's weights (non-embedding parameters plus the output
         projection onto the vocabulary); each multiply-add is 2 FLOPs forward and 4
         backward. The attention term, 6 · 2 · n_layers · seq_len · d_model, covers QKᵀ and
-        the weighted sum of V, which have no parameters (Kaplan et al., 2020, Table 1).
+        the weighted sum of V, which have no parameters (Hoffmann et al., 2022, Appendix F).
         """
         c = self.config
         t = c.max_seq_len if seq_len is None else seq_len
