@@ -11,7 +11,9 @@ from conftest import REPO
 from pretrain_lib.grading.build import exercise_from_solution
 
 SOLUTIONS = sorted((REPO / "solutions").glob("[0-9][0-9]_*.ipynb"))
-IDS = [p.stem for p in SOLUTIONS]
+# exercises whose checks launch torchrun run on the same worker as the other torchrun jobs
+SOLUTION_PARAMS = [pytest.param(p, id=p.stem, marks=[pytest.mark.xdist_group("torchrun")] if "distributed" in p.stem else [])
+                   for p in SOLUTIONS]
 
 
 def _nbval(notebook) -> subprocess.CompletedProcess:
@@ -36,7 +38,7 @@ def test_every_solution_has_an_exercise():
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("solution", SOLUTIONS, ids=IDS)
+@pytest.mark.parametrize("solution", SOLUTION_PARAMS)
 def test_exercise_is_up_to_date(solution):
     fresh = exercise_from_solution(solution)
     committed = nbformat.read(REPO / "exercises" / solution.name, as_version=4)
@@ -44,7 +46,7 @@ def test_exercise_is_up_to_date(solution):
 
 
 @pytest.mark.notebook
-@pytest.mark.parametrize("solution", SOLUTIONS, ids=IDS)
+@pytest.mark.parametrize("solution", SOLUTION_PARAMS)
 def test_nbval_passes_on_solution_and_fails_on_untouched_exercise(solution):
     ok = _nbval(solution)
     assert ok.returncode == 0, ok.stdout[-3000:]

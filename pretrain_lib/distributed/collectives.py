@@ -1,0 +1,112 @@
+"""Measure all-reduce, all-gather and reduce-scatter on this machine's backend.
+
+For each message size (bytes per rank's input) the module times ``--iters`` calls after a
+warm-up and reports the median. Bus bandwidth rescales the algorithm bandwidth
+(bytes / time) by what a ring must move per rank: 2(p-1)/p for all-reduce and (p-1)/p
+for all-gather and reduce-scatter (Thakur et al., 2005), so it can be compared with the
+link's bandwidth. Each result is also checked against the value one process computes
+from every rank's input (``max_abs_diff_vs_single``).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from .common import base_parser, inject_fault, run_main, setup, sync, teardown, write_metrics
+
+RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
+               "reduce_scatter": lambda p: (p - 1) / p}
+
+
+def parse_size(text: str) -> int:
+    """'1KB', '64MB', '4096' → bytes (powers of 1024)."""
+    units = {"KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit) and t[:-len(unit)].strip().isdigit():
+            return int(t[:-len(unit)]) * factor
+    if t.isdigit():
+        return int(t)
+    raise ValueError(f"cannot read message size {text!r}; write e.g. 4096, 1KB or 64MB")
+
+
+def rank_input(rank: int, n: int, device: torch.device) -> torch.Tensor:
+    """Rank ``rank``'s input: known to every rank, so each can check the collective's result."""
+    return torch.arange(n, dtype=torch.float32, device=device) % 97 + rank
+
+
+def run_op(op: str, n: int, rank: int, world: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``op`` once on ``n`` float32 numbers per rank; return (result, what one process computes)."""
+    x = rank_input(rank, n, device)
+    everyone = [rank_input(r, n, device) for r in range(world)]
+    if op == "all_reduce":
+        dist.all_reduce(x)
+        return x, torch.stack(everyone).sum(0)
+    if op == "all_gather":
+        out = torch.empty(n * world, device=device)
+        dist.all_gather_into_tensor(out, x)
+        return out, torch.cat(everyone)
+    if op == "reduce_scatter":
+        if n % world:
+            raise ValueError(f"reduce_scatter needs a size divisible by {world}")
+        out = torch.empty(n // world, device=device)
+        dist.reduce_scatter_tensor(out, x)
+        return out, torch.stack(everyone).sum(0).chunk(world)[rank]
+    raise ValueError(f"unknown collective {op!r}; choose among {sorted(RING_FACTOR)}")
+
+
+def time_op(op: str, n: int, world: int, device: torch.device, iters: int) -> float:
+    """Median seconds of one call (inputs allocated outside the timed region)."""
+    x = torch.ones(n, device=device)
+    out = torch.empty(n * world if op == "all_gather" else max(n // world, 1), device=device)
+    times = []
+    for i in range(iters + 1):
+        dist.barrier()
+        sync(device)
+        t0 = time.perf_counter()
+        if op == "all_reduce":
+            dist.all_reduce(x)
+        elif op == "all_gather":
+            dist.all_gather_into_tensor(out, x)
+        else:
+            dist.reduce_scatter_tensor(out, x)
+        sync(device)
+        if i:  # the first call is a warm-up (connection setup, allocation)
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = base_parser("Bandwidth of all-reduce, all-gather and reduce-scatter against the ring cost model.")
+    parser.add_argument("--sizes", default="1KB,16KB,256KB,1MB,4MB,16MB,64MB", help="bytes per rank's input")
+    parser.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter")
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args(argv)
+    ctx = setup(args.init_timeout)
+    inject_fault(args, ctx)
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    ops = args.ops.split(",")
+    p = ctx.world_size
+    worst = 0.0
+    for op in ops:  # correctness first, on a small message
+        got, want = run_op(op, 64 * p, ctx.rank, p, ctx.device)
+        worst = max(worst, float((got - want).abs().max()))
+    rows = []
+    for op in ops:
+        for size in sizes:
+            n = max(size // 4, p)
+            n -= n % p
+            seconds = time_op(op, n, p, ctx.device, args.iters)
+            algbw = n * 4 / seconds
+            rows.append({"op": op, "bytes": n * 4, "seconds": seconds, "algbw_GBps": algbw / 1e9,
+                         "busbw_GBps": algbw * RING_FACTOR[op](p) / 1e9})
+    if ctx.is_main:
+        write_metrics(args.out, {"strategy": "collectives", "world_size": p, "backend": ctx.backend,
+                                 "device": str(ctx.device), "max_abs_diff_vs_single": worst, "results": rows})
+    teardown()
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,100 @@
+"""Communication time per training step, from a model size, a parallel layout and link speeds.
+
+Cost model: a ring collective over p ranks moves, per rank, 2(p-1)/p · S bytes for an
+all-reduce of S bytes and (p-1)/p · S for an all-gather or a reduce-scatter; each of its
+2(p-1) (or p-1) rounds also pays the link's latency α. Time = α·rounds + moved / β with β
+the bandwidth per rank in bytes/s. The layout is dp × tp × pp GPUs; tensor-parallel
+groups sit inside a node (fast links), data-parallel groups cross nodes when dp·tp·pp
+exceeds a node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def ring_seconds(op: str, nbytes: float, p: int, bandwidth_Bps: float, latency_s: float = 0.0) -> float:
+    """Seconds for one ring ``op`` ('all_reduce', 'all_gather', 'reduce_scatter') of ``nbytes`` on ``p`` ranks."""
+    if p < 1:
+        raise ValueError(f"a collective needs at least one rank, got p={p}")
+    if bandwidth_Bps <= 0:
+        raise ValueError(f"bandwidth must be positive (bytes/s), got {bandwidth_Bps}")
+    if p == 1:
+        return 0.0
+    if op == "all_reduce":
+        return 2 * (p - 1) * latency_s + 2 * (p - 1) / p * nbytes / bandwidth_Bps
+    if op in ("all_gather", "reduce_scatter"):
+        return (p - 1) * latency_s + (p - 1) / p * nbytes / bandwidth_Bps
+    raise ValueError(f"unknown collective {op!r}; choose all_reduce, all_gather or reduce_scatter")
+
+
+def fit_latency_bandwidth(op: str, p: int, nbytes: list[float], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares fit of ``ring_seconds`` to measurements: returns (latency s, bandwidth bytes/s)."""
+    import numpy as np
+    rounds = 2 * (p - 1) if op == "all_reduce" else (p - 1)
+    factor = 2 * (p - 1) / p if op == "all_reduce" else (p - 1) / p
+    a = np.stack([np.full(len(nbytes), rounds, dtype=float), factor * np.asarray(nbytes, dtype=float)], axis=1)
+    # weight by 1/time so small and large messages count alike (relative error)
+    w = 1.0 / np.asarray(seconds, dtype=float)
+    coef, *_ = np.linalg.lstsq(a * w[:, None], np.asarray(seconds) * w, rcond=None)
+    latency, inv_bw = float(max(coef[0], 0.0)), float(coef[1])
+    if inv_bw <= 0:
+        raise ValueError("the measurements do not grow with message size; measure larger messages")
+    return latency, 1.0 / inv_bw
+
+
+@dataclass
+class Layout:
+    dp: int = 1          # data-parallel replicas
+    tp: int = 1          # tensor-parallel ranks per layer (inside a node)
+    pp: int = 1          # pipeline stages
+    zero_stage: int = 0  # 0 (plain DP), 1, 2 or 3
+    gpus_per_node: int = 8
+
+    def __post_init__(self) -> None:
+        for k in ("dp", "tp", "pp", "gpus_per_node"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"Layout.{k} must be at least 1, got {getattr(self, k)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0..3, got {self.zero_stage}")
+        if self.tp > self.gpus_per_node:
+            raise ValueError(f"tp={self.tp} exceeds gpus_per_node={self.gpus_per_node}: keep tensor parallelism "
+                             "inside a node, where links are fast")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+
+def step_communication(n_params: float, layout: Layout, *, d_model: int, n_layers: int, seq_len: int,
+                       micro_batch: int, n_micro: int = 1, grad_bytes: int = 2, act_bytes: int = 2,
+                       intra_node_Bps: float = 300e9, inter_node_Bps: float = 25e9,
+                       latency_s: float = 10e-6) -> dict[str, float]:
+    """Seconds of communication per optimiser step by kind (not overlapped with compute).
+
+    - data parallel: all-reduce of each rank's share of the gradients, Ψ/(tp·pp) numbers
+      (ZeRO-1/2: a reduce-scatter plus an all-gather of the updated parameters, the same
+      volume; ZeRO-3: an extra all-gather of the parameters for the backward pass, 1.5×);
+    - tensor parallel: 4 all-reduces per layer per micro-batch (2 forward, 2 backward) of
+      one activation (micro_batch, seq_len, d_model);
+    - pipeline: each micro-batch's activation forward and its gradient backward across
+      each of the pp-1 stage boundaries, point to point.
+    DP crosses nodes when a node cannot hold all replicas of a shard.
+    """
+    if n_params <= 0:
+        raise ValueError(f"n_params must be positive, got {n_params}")
+    L = layout
+    shard_bytes = n_params / (L.tp * L.pp) * grad_bytes
+    dp_bw = intra_node_Bps if L.world_size <= L.gpus_per_node else inter_node_Bps
+    if L.zero_stage == 0:
+        dp = ring_seconds("all_reduce", shard_bytes, L.dp, dp_bw, latency_s)
+    else:
+        dp = ring_seconds("reduce_scatter", shard_bytes, L.dp, dp_bw, latency_s) + \
+            ring_seconds("all_gather", shard_bytes, L.dp, dp_bw, latency_s)
+        if L.zero_stage == 3:
+            dp += ring_seconds("all_gather", shard_bytes, L.dp, dp_bw, latency_s)
+    act = micro_batch * seq_len * d_model * act_bytes
+    layers_per_stage = n_layers / L.pp
+    tp = 4 * layers_per_stage * n_micro * ring_seconds("all_reduce", act, L.tp, intra_node_Bps, latency_s)
+    pp_bw = intra_node_Bps if L.tp * L.pp <= L.gpus_per_node else inter_node_Bps
+    pp = 0.0 if L.pp == 1 else 2 * n_micro * (latency_s + act / L.tp / pp_bw)
+    return {"data_parallel_s": dp, "tensor_parallel_s": tp, "pipeline_s": pp, "total_s": dp + tp + pp}

@@ -1,0 +1,75 @@
+"""Grade the Chapter 3 exercise on 2 ranks: run a student's functions under torchrun.
+
+``--solution FILE`` is a Python file defining ``average_gradients(model)``,
+``column_parallel_forward(x, weight, bias, rank, world_size)`` and
+``gpipe_micro_steps(n_micro)``. Each is checked against the library's reference on every
+rank; rank 0 writes ``{"name": {"ok": bool, "error": str}}`` to the run directory. A
+function that raises costs its own check only.
+"""
+from __future__ import annotations
+
+import runpy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..objectives import clm_loss
+from .common import base_parser, build_model, global_batch, local_shard, run_main, setup, teardown, write_metrics
+from .pipeline_parallel import gpipe_order
+
+
+def _check_average_gradients(fn, args, ctx) -> bool:
+    ref = build_model(args, ctx.device)
+    ids = global_batch(0, args).to(ctx.device)
+    clm_loss(ref(ids), ids).backward()
+    model = build_model(args, ctx.device)
+    mine = local_shard(ids, ctx.rank, ctx.world_size)
+    clm_loss(model(mine), mine).backward()
+    fn(model)
+    return all(torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+               for p, q in zip(model.parameters(), ref.parameters()))
+
+
+def _check_column_parallel(fn, args, ctx) -> bool:
+    g = torch.Generator().manual_seed(5)
+    x, w, b = (t.to(ctx.device) for t in (torch.randn(3, 5, 8, generator=g), torch.randn(12, 8, generator=g),
+                                          torch.randn(12, generator=g)))
+    local = fn(x, w, b, ctx.rank, ctx.world_size)
+    parts = [torch.empty_like(local) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, local.contiguous())  # the ranks' columns, side by side, must be the full output
+    return bool(torch.allclose(torch.cat(parts, dim=-1), F.linear(x, w, b), atol=1e-6))
+
+
+def _check_gpipe(fn, args, ctx) -> bool:
+    return all([tuple(s) for s in fn(m)] == gpipe_order(m, ctx.rank, ctx.world_size) for m in (1, 3, 4))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = base_parser("Run a student's Chapter 3 functions on every rank.")
+    parser.add_argument("--solution", required=True)
+    args = parser.parse_args(argv)
+    ctx = setup(args.init_timeout)
+    ns = runpy.run_path(args.solution)
+    checks = {"average_gradients": _check_average_gradients, "column_parallel_forward": _check_column_parallel,
+              "gpipe_micro_steps": _check_gpipe}
+    results = {}
+    for name, check in checks.items():
+        try:
+            if name not in ns:
+                raise NameError(f"{name} is not defined")
+            ok, error = bool(check(ns[name], args, ctx)), ""
+        except NotImplementedError:
+            ok, error = False, "not implemented yet"
+        except Exception as exc:  # the student's bug costs this check only
+            ok, error = False, type(exc).__name__
+        flags = [None] * ctx.world_size
+        dist.all_gather_object(flags, ok)  # a check passes only if it passed on every rank
+        results[name] = {"ok": all(flags), "error": error}
+    if ctx.is_main:
+        write_metrics(args.out, {"strategy": "exercise", "results": results})
+    teardown()
+
+
+if __name__ == "__main__":
+    run_main(main)

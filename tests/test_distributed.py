@@ -1,0 +1,192 @@
+"""Chapter 3: every parallel strategy equals one process; the launcher reports failures and hangs.
+
+The torchrun tests share the xdist group "torchrun" so two jobs never compete for the two
+cores; each strategy is one launch that checks all its variants.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain_lib.distributed.comm_model import Layout, fit_latency_bandwidth, ring_seconds, step_communication
+from pretrain_lib.distributed.common import base_parser, check_args, global_batch, local_shard, setup
+from pretrain_lib.distributed.launch import (LaunchTimeoutError, RankFailedError, process_group_alive, run_torchrun,
+                                             torchrun_command)
+from pretrain_lib.distributed.pipeline_parallel import (bubble_theory, gpipe_order, one_f_one_b_order,
+                                                        simulate_schedule, stage_layers)
+from pretrain_lib.distributed.collectives import parse_size
+from pretrain_lib.distributed.tensor_parallel import column_parallel_linear
+from pretrain_lib.distributed.zero import zero_memory_formula
+
+TOL = 1e-5
+SMALL = ["--steps", "2", "--batch", "4", "--seq-len", "16", "--vocab", "32", "--d-model", "32", "--n-layers", "2"]
+torchrun = pytest.mark.xdist_group("torchrun")
+
+
+# --- pure functions: hand-worked references ---------------------------------------------------
+
+def test_ring_allreduce_cost_matches_formula():
+    # p = 4 ranks, 1 GB, 100 GB/s: 2·3/4 · 1e9 / 1e11 = 15 ms, plus 6 rounds of 1 µs latency
+    assert ring_seconds("all_reduce", 1e9, 4, 100e9, 1e-6) == pytest.approx(0.015 + 6e-6)
+    assert ring_seconds("all_gather", 1e9, 4, 100e9) == pytest.approx(0.0075)
+    assert ring_seconds("all_reduce", 1e9, 1, 1e9) == 0.0
+    with pytest.raises(ValueError, match="unknown collective"):
+        ring_seconds("broadcast", 1.0, 2, 1.0)
+
+
+def test_fit_recovers_latency_and_bandwidth():
+    sizes = [1e3, 1e5, 1e6, 1e7, 6.4e7]
+    secs = [ring_seconds("all_reduce", s, 2, 2e9, 50e-6) for s in sizes]
+    latency, bw = fit_latency_bandwidth("all_reduce", 2, sizes, secs)
+    assert latency == pytest.approx(50e-6, rel=1e-6) and bw == pytest.approx(2e9, rel=1e-6)
+
+
+def test_step_communication_layouts():
+    base = dict(d_model=1024, n_layers=24, seq_len=1024, micro_batch=4)
+    dp_only = step_communication(1e9, Layout(dp=8), **base, latency_s=0.0, intra_node_Bps=100e9)
+    assert dp_only["data_parallel_s"] == pytest.approx(2 * 7 / 8 * 2e9 / 100e9)
+    assert dp_only["tensor_parallel_s"] == 0.0 and dp_only["pipeline_s"] == 0.0
+    zero3 = step_communication(1e9, Layout(dp=8, zero_stage=3), **base, latency_s=0.0, intra_node_Bps=100e9)
+    assert zero3["data_parallel_s"] == pytest.approx(1.5 * dp_only["data_parallel_s"])
+    with pytest.raises(ValueError, match="inside a node"):
+        Layout(tp=16, gpus_per_node=8)
+
+
+def test_zero_memory_formulas():
+    n, p = 1000, 4
+    assert zero_memory_formula(n, p, 0) == {"params": 4000, "grads": 4000, "optim": 8000}
+    assert zero_memory_formula(n, p, 1) == {"params": 4000, "grads": 4000, "optim": 2000}
+    assert zero_memory_formula(n, p, 2) == {"params": 4000, "grads": 1000, "optim": 2000}
+    assert zero_memory_formula(n, p, 3) == {"params": 1000, "grads": 1000, "optim": 2000}
+    mixed = zero_memory_formula(n, 1, 0, param_bytes=2, grad_bytes=2, optim_bytes=12)
+    assert sum(mixed.values()) == 16 * n  # the paper's 16Ψ for mixed-precision Adam
+
+
+def test_pipeline_orders_and_bubble():
+    assert gpipe_order(3, 0, 2) == [("F", 0), ("F", 1), ("F", 2), ("B", 2), ("B", 1), ("B", 0)]
+    assert one_f_one_b_order(4, 0, 2) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3), ("B", 2),
+                                          ("B", 3)]
+    assert one_f_one_b_order(4, 1, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2), ("F", 3),
+                                          ("B", 3)]
+    for p, m in [(2, 1), (2, 4), (4, 8)]:
+        orders = [gpipe_order(m, s, p) for s in range(p)]
+        assert simulate_schedule(orders, [1.0] * p, [2.0] * p) == pytest.approx(bubble_theory(p, m))
+    assert [list(r) for r in stage_layers(5, 2)] == [[0, 1, 2], [3, 4]]
+    with pytest.raises(ValueError, match="at least 3 layers"):
+        stage_layers(2, 3)
+
+
+def test_column_parallel_pieces_concatenate_to_full_output():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+    parts = [column_parallel_linear(x, w, b, r, 2) for r in range(2)]
+    torch.testing.assert_close(torch.cat(parts, dim=-1), torch.nn.functional.linear(x, w, b))
+
+
+def test_shards_cover_the_global_batch_once():
+    args = base_parser("t").parse_args(["--batch", "6"])
+    batch = global_batch(0, args)
+    shards = [local_shard(batch, r, 3) for r in range(3)]
+    assert torch.equal(torch.cat(shards), batch) and not torch.equal(shards[0], shards[1])
+    with pytest.raises(ValueError, match="cannot be split"):
+        local_shard(batch, 0, 4)
+
+
+def test_parse_size_and_launcher_input_checks():
+    assert parse_size("64MB") == 64 * 2**20 and parse_size("1KB") == 1024 and parse_size("10") == 10
+    with pytest.raises(ValueError, match="message size"):
+        parse_size("lots")
+    with pytest.raises(ValueError, match="dotted module name"):
+        run_torchrun("pretrain_lib/distributed/zero.py")
+    with pytest.raises(ValueError, match="nproc_per_node"):
+        run_torchrun("pretrain_lib.distributed.zero", nproc_per_node=0)
+    cmd = torchrun_command("m", nproc_per_node=2, args=["--steps", "1"])
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in cmd and cmd[-3:] == ["m", "--steps", "1"]
+
+
+def test_setup_outside_torchrun_says_how_to_launch(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="torch.distributed.run"):
+        setup()
+
+
+def test_batch_must_split_evenly_over_ranks():
+    with pytest.raises(ValueError, match="not divisible by the 3 ranks"):
+        check_args(base_parser("t").parse_args(["--batch", "8"]), 3)
+
+
+# --- torchrun: one launch per strategy --------------------------------------------------------
+
+@torchrun
+@pytest.mark.distributed
+def test_data_parallel_equals_single_process(tmp_path):
+    m = run_torchrun("pretrain_lib.distributed.data_parallel", args=SMALL, run_dir=tmp_path, stream=False).metrics
+    assert m["max_abs_diff_vs_single"] <= TOL
+    v = m["variants"]
+    assert set(v) == {"by_hand", "ddp", "ddp_plus_manual"}
+    assert v["ddp"]["bytes_per_step"] == m["param_bytes"]  # DDP sends every gradient once
+    assert v["ddp_plus_manual"]["bytes_per_step"] == 2 * m["param_bytes"]  # the pitfall: twice
+    assert v["ddp"]["losses"] == pytest.approx(m["reference_losses"], abs=1e-5)
+
+
+@torchrun
+@pytest.mark.distributed
+def test_zero_and_fsdp_equal_single_process_and_shard_memory(tmp_path):
+    m = run_torchrun("pretrain_lib.distributed.zero", args=SMALL, run_dir=tmp_path, stream=False).metrics
+    assert m["max_abs_diff_vs_single"] <= TOL
+    n, p = m["n_params"], m["world_size"]
+    for variant in ("fsdp2", "by_hand"):  # ZeRO-3: everything is 1/p (up to padding)
+        for rank_mem in m["variants"][variant]["memory_per_rank"]:
+            assert rank_mem["params"] == pytest.approx(4 * n / p, rel=0.02)
+            assert rank_mem["optim"] == pytest.approx(8 * n / p, rel=0.02)
+    zero1 = m["variants"]["zero1"]["memory_per_rank"]
+    assert sum(r["optim"] for r in zero1) == 8 * n  # optimiser state split over ranks, whole tensors each
+    assert all(r["params"] == 4 * n for r in zero1)
+
+
+@torchrun
+@pytest.mark.distributed
+def test_tensor_parallel_equals_unsharded(tmp_path):
+    m = run_torchrun("pretrain_lib.distributed.tensor_parallel", args=SMALL, run_dir=tmp_path, stream=False).metrics
+    assert m["max_abs_diff_vs_single"] <= TOL
+    assert max(m["block_check"].values()) <= TOL
+    assert m["variants"]["by_hand"]["bytes_all_reduced_per_step"] == m["predicted_bytes_per_step"]
+
+
+@torchrun
+@pytest.mark.distributed
+def test_pipeline_parallel_equals_single_process(tmp_path):
+    args = SMALL + ["--micro", "2", "--bubble-micro", "1,4", "--bubble-steps", "2", "--bubble-d-model", "32",
+                    "--bubble-seq-len", "16", "--bubble-batch", "8"]
+    m = run_torchrun("pretrain_lib.distributed.pipeline_parallel", args=args, run_dir=tmp_path, stream=False).metrics
+    assert m["max_abs_diff_vs_single"] <= TOL
+    assert set(m["variants"]) == {"naive", "by_hand", "by_hand_1f1b", "gpipe", "1f1b"}
+    b = {row["n_micro"]: row for row in m["bubble"]}
+    assert b[1]["simulated"] == pytest.approx(0.5, abs=1e-9)  # p = 2, one micro-batch: each stage idles half
+    assert b[4]["simulated"] < b[1]["simulated"]
+
+
+@torchrun
+@pytest.mark.distributed
+def test_collectives_results_and_rank_failure(tmp_path):
+    m = run_torchrun("pretrain_lib.distributed.collectives", args=["--sizes", "1KB,64KB", "--iters", "2"],
+                     run_dir=tmp_path / "ok", stream=False).metrics
+    assert m["max_abs_diff_vs_single"] == 0.0
+    assert {r["op"] for r in m["results"]} == {"all_reduce", "all_gather", "reduce_scatter"}
+    assert all(r["seconds"] > 0 and math.isfinite(r["busbw_GBps"]) for r in m["results"])
+    with pytest.raises(RankFailedError, match="rank 1") as info:
+        run_torchrun("pretrain_lib.distributed.collectives", args=["--sizes", "1KB", "--fault", "raise"],
+                     run_dir=tmp_path / "fail", stream=False, timeout_s=120)
+    assert info.value.rank == 1 and "injected failure on rank 1" in info.value.rank_traceback
+
+
+@torchrun
+@pytest.mark.distributed
+def test_hanging_rank_is_killed_with_everything_it_started(tmp_path):
+    with pytest.raises(LaunchTimeoutError, match="killed its process group") as info:
+        run_torchrun("pretrain_lib.distributed.collectives", args=["--sizes", "1KB", "--fault", "hang"],
+                     run_dir=tmp_path, stream=False, timeout_s=10)
+    assert not process_group_alive(info.value.pgid)
