@@ -34,7 +34,7 @@ exercises: setup
 ## make grade SUBMISSIONS=folder OUT=folder: grade a class's submissions
 grade: setup
 	@test -n "$(SUBMISSIONS)" -a -n "$(OUT)" || { echo "usage: make grade SUBMISSIONS=folder OUT=folder" >&2; exit 2; }
-	$(PY) -m pretrain_lib.grading grade "$(SUBMISSIONS)" --out "$(OUT)"
+	$(PY) -m pretrain_lib.grading grade "$(SUBMISSIONS)" --out "$(OUT)" --jobs $(JOBS)
 
 lint:
 	$(PYTHON) ../shared/tools/course_lint.py .

@@ -1,0 +1,196 @@
+"""A pytest plugin loaded into the nbval subprocess that grades one submission.
+
+The grader starts ``python -m pytest --nbval -p pretrain_lib.grading.nbval_plugin ...`` on a
+notebook it assembled (reference exercise + the student's answer cells). This plugin:
+
+* records, for every cell, whether nbval passed it and what the cell printed, as one JSON
+  line per cell in the file given by ``--grading-results`` (written as each cell ends, so a
+  run killed half-way still tells which checks had passed);
+* compares only what a cell printed to stdout: a library warning on stderr must not cost a
+  check, and neither must the ``True`` an un-silenced ``check(...)`` leaves as the cell's value;
+* enforces the per-cell limit and the whole-notebook limit by *killing* the kernel process
+  (nbval only interrupts it, which a ``while True: try/except`` loop can swallow);
+* notices a kernel that died (``os._exit``, ``os.kill``, out of memory) at once instead of
+  waiting for the cell limit.
+
+It holds no grading logic: points are decided by the grader from these records.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from queue import Empty
+
+import psutil
+import pytest
+from nbval import kernel as nbval_kernel
+from nbval import plugin as nbval_plugin
+
+
+class KernelDied(RuntimeError):
+    """The kernel process exited while a cell was running."""
+
+
+def pytest_addoption(parser) -> None:
+    group = parser.getgroup("grading")
+    group.addoption("--grading-results", default=None, help="JSON-lines file receiving one record per cell")
+    group.addoption("--grading-notebook-timeout", type=float, default=300.0,
+                    help="seconds for the whole notebook, kernel start included")
+
+
+def _kill_kernel(item) -> None:
+    """SIGKILL the kernel and everything it started (its own session: jupyter starts it so)."""
+    kernel = getattr(item.parent, "kernel", None)
+    km = getattr(kernel, "km", None)
+    pid = getattr(getattr(km, "provisioner", None), "pid", None)
+    if pid is None:
+        return
+    try:
+        victims = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
+    except psutil.Error:
+        victims = []
+    for proc in victims:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=5)
+
+
+# --- nbval patches -------------------------------------------------------------------------
+
+_original_get_message = nbval_kernel.RunningKernel.get_message
+_original_compare = nbval_plugin.IPyNbCell.compare_outputs
+
+
+def _get_message(self, stream, timeout=None):
+    """nbval's blocking read, in half-second slices so a dead kernel is noticed at once."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        step = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
+        try:
+            return _original_get_message(self, stream, timeout=step)
+        except Empty:
+            if not self.is_alive():
+                raise KernelDied("the kernel process died while running this cell "
+                                 "(the code called os._exit, killed its own process or ran out of memory)")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
+
+
+def _printed(outputs):
+    """Only what a cell printed to stdout. Not stderr: library warnings differ between machines.
+    Not the value of the last expression: nbval runs cells with ``store_history=False``, which
+    makes IPython ignore a trailing ``;``, so ``check(...);`` shows ``True`` here but not in the
+    reference. A check's verdict is in its PASS/FAIL line; an exception fails the cell anyway."""
+    return [o for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stdout"]
+
+
+def _compare_outputs(self, test, ref, skip_compare=None):
+    return _original_compare(self, _printed(test), _printed(ref), skip_compare)
+
+
+nbval_kernel.RunningKernel.get_message = _get_message
+nbval_plugin.IPyNbCell.compare_outputs = _compare_outputs
+
+
+# --- recording ---------------------------------------------------------------------------
+
+class _Recorder:
+    def __init__(self, path: str | None, notebook_timeout: float):
+        self.file = open(path, "a", encoding="utf-8") if path else None
+        self.deadline = time.monotonic() + notebook_timeout
+        self.notebook_timed_out = False
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record, default=str) + "\n")
+            self.file.flush()
+
+
+_recorder: _Recorder | None = None
+
+
+def pytest_configure(config) -> None:
+    global _recorder
+    _recorder = _Recorder(config.getoption("grading_results"), config.getoption("grading_notebook_timeout"))
+
+
+def _is_cell(item) -> bool:
+    return isinstance(item, nbval_plugin.IPyNbCell)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """Give the cell what is left of the notebook's time when that is less than its own limit."""
+    if not _is_cell(item) or _recorder is None:
+        return
+    left = _recorder.deadline - time.monotonic()
+    if left <= 0:
+        _recorder.notebook_timed_out = True
+        _kill_kernel(item)
+    cell_limit = float(item.config.getoption("nbval_cell_timeout"))
+    item._grading_cell_limit = cell_limit
+    item.config.option.nbval_cell_timeout = max(0.1, min(cell_limit, left))
+
+
+def _output_record(output) -> dict:
+    kind = output.get("output_type")
+    if kind == "stream":
+        return {"output_type": kind, "name": output.get("name"), "text": output.get("text", "")}
+    if kind == "error":
+        return {"output_type": kind, "ename": output.get("ename"), "evalue": output.get("evalue")}
+    data = output.get("data", {}) or {}
+    return {"output_type": kind, "data": {"text/plain": data.get("text/plain", "")}}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if not _is_cell(item) or _recorder is None:
+        return
+    report = outcome.get_result()
+    if call.when == "setup" and report.passed:
+        if item.cell_num == 0 or not getattr(_recorder, "started", False):
+            pid = getattr(getattr(getattr(item.parent, "kernel", None), "km", None), "provisioner", None)
+            _recorder.write({"event": "start", "kernel_pid": getattr(pid, "pid", None)})
+            _recorder.started = True
+        return
+    if call.when == "teardown" or (call.when == "setup" and report.passed):
+        return
+    limit = getattr(item, "_grading_cell_limit", None)
+    if limit is not None:
+        item.config.option.nbval_cell_timeout = limit
+    timed_out = bool(getattr(item.parent, "timed_out", False)) and not getattr(item.parent, "_grading_timeout_seen", False)
+    if timed_out:
+        item.parent._grading_timeout_seen = True
+        _kill_kernel(item)
+        if _recorder.deadline - time.monotonic() <= 1.0:
+            _recorder.notebook_timed_out = True
+    message = ""
+    kernel_died = False
+    if call.excinfo is not None:
+        exc = call.excinfo.value
+        kernel_died = isinstance(exc, KernelDied) or "Kernel dead" in str(exc)
+        message = exc.args[1] if isinstance(exc, nbval_plugin.NbCellError) and len(exc.args) > 1 else str(exc)
+    _recorder.write({
+        "event": "cell",
+        "index": item.cell_num,
+        "id": item.cell.get("id"),
+        "phase": call.when,
+        "passed": bool(report.passed),
+        "timed_out": timed_out,
+        "notebook_timed_out": _recorder.notebook_timed_out,
+        "kernel_died": kernel_died,
+        "message": str(message)[:4000],
+        "produced": [_output_record(o) for o in getattr(item, "test_outputs", None) or []],
+    })
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _recorder is not None:
+        _recorder.write({"event": "end", "exitstatus": int(exitstatus)})
+        if _recorder.file is not None:
+            _recorder.file.close()
