@@ -1,26 +1,35 @@
 """Tokenizers for the course, trained with the Hugging Face ``tokenizers`` library.
 
 Every tokenizer carries the course's special tokens at fixed ids 0-4:
-``[PAD]`` ``[MASK]`` ``[CLS]`` ``[SEP]`` ``<|endoftext|>``.
+``[PAD]`` ``[MASK]`` ``[CLS]`` ``[SEP]`` ``<|endoftext|>`` (WordPiece adds ``[UNK]`` at 5).
+
+``kind="bpe"``: byte-level BPE for the decoder (any text round-trips exactly).
+``kind="wordpiece"``: BERT-style WordPiece for the encoder (normalises and splits on
+whitespace and punctuation, so decoding does not restore the exact text).
 """
 from __future__ import annotations
 
-from typing import Iterable
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ("[PAD]", "[MASK]", "[CLS]", "[SEP]", "<|endoftext|>")
 PAD, MASK, CLS, SEP, EOT = SPECIAL_TOKENS
+UNK = "[UNK]"  # WordPiece only
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int, kind: str = "bpe") -> Tokenizer:
     """Train a tokenizer on an iterable of strings.
 
     ``kind="bpe"``: byte-level BPE (GPT-2 style): every byte string round-trips exactly.
+    ``kind="wordpiece"``: BERT-style WordPiece (``[UNK]`` for characters it never saw).
     The special tokens take ids 0-4.
     """
-    if kind != "bpe":
-        raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'bpe'")
+    if kind not in ("bpe", "wordpiece"):
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected 'bpe' or 'wordpiece'")
     min_vocab = len(SPECIAL_TOKENS) + 256
     if not isinstance(vocab_size, int) or vocab_size < min_vocab:
         raise ValueError(f"vocab_size must be an integer ≥ {min_vocab} (256 bytes + {len(SPECIAL_TOKENS)} specials), got {vocab_size!r}")
@@ -35,15 +44,24 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int, kind: str = "bpe")
                 seen_any = True
                 yield t
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=UNK))
+        # BertNormalizer puts spaces around CJK characters, so Chinese becomes one word per character.
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.BertNormalizer(lowercase=False)])
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, UNK],
+                                            show_progress=False)
+    else:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
     tok.train_from_iterator(non_empty(texts), trainer=trainer)
     if not seen_any:
         raise ValueError("train_tokenizer got no non-empty text: the corpus is empty")
@@ -59,3 +77,55 @@ def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
             raise ValueError(f"the tokenizer has no {token} token; train it with train_tokenizer()")
         ids[token] = idx
     return ids
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> Path:
+    """Write the tokenizer as one JSON file (the ``tokenizers`` format) and return its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(path))
+    return path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Read a tokenizer saved by :func:`save_tokenizer`, checking the course's special tokens."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer file at {path}; train one and save it with save_tokenizer()")
+    tok = Tokenizer.from_file(str(path))
+    special_token_ids(tok)
+    return tok
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """16 hex digits identifying the tokenizer's vocabulary, merges and settings.
+
+    Two tokenizers with the same fingerprint map text to the same ids; token shards record
+    it so that ids are never read with a different tokenizer than the one that wrote them.
+    """
+    canonical = json.dumps(json.loads(tokenizer.to_str()), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int = 64) -> list[list[int]]:
+    """Token ids of each text, with ``encode_batch`` (the library's own thread parallelism)."""
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), batch_size):
+        ids.extend(e.ids for e in tokenizer.encode_batch(list(texts[start:start + batch_size]),
+                                                         add_special_tokens=False))
+    return ids
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts: Sequence[str]) -> float:
+    """UTF-8 bytes divided by tokens over ``texts``: higher means better compression."""
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(ids) for ids in encode_texts(tokenizer, texts))
+    if n_tokens == 0:
+        raise ValueError("the texts produced no tokens: pass at least one non-empty text")
+    return n_bytes / n_tokens
+
+
+def round_trips(tokenizer: Tokenizer, text: str) -> bool:
+    """True when decoding the encoding gives back exactly ``text``."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return tokenizer.decode(ids, skip_special_tokens=False) == text
