@@ -171,6 +171,22 @@ def test_published_fit_matches_the_replication_and_is_reproducible(published_fit
     again = fit_chinchilla(data.N, data.D, data.loss)
     for name in scaling.PARAM_NAMES:
         assert f"{getattr(again, name):.3g}" == f"{getattr(published_fit, name):.3g}", name
+    # the stored constant the notebooks use is this fit (6 significant digits)
+    for name in scaling.PARAM_NAMES:
+        assert getattr(scaling.REPLICATION_FIT, name) == pytest.approx(getattr(published_fit, name), rel=1e-5), name
+
+
+def test_rounded_replication_table_fits_worse_than_the_unrounded_fit(published_fit):
+    # why the notebooks use REPLICATION_FIT: two-decimal exponents need re-fitted coefficients
+    data = scaling.load_chinchilla_data()
+    log_N, log_D, log_L = np.log(data.N), np.log(data.D), np.log(data.loss)
+
+    def objective(fit):
+        x = np.array([[math.log(fit.A), math.log(fit.B), math.log(fit.E), fit.alpha, fit.beta]])
+        return float(scaling.log_huber_objective(x, log_N, log_D, log_L, 1e-3)[0][0])
+
+    assert objective(scaling.REPLICATION_FIT) == pytest.approx(published_fit.objective, rel=1e-4)
+    assert objective(scaling.REPLICATION_FIT) < objective(scaling.PAPER_FIT) < objective(scaling.EPOCH_FIT)
 
 
 # --------------------------------------------------------------------------- compute-optimal
@@ -194,6 +210,37 @@ def test_compute_optimal_bad_input():
         compute_optimal(0.0, scaling.PAPER_FIT)
     with pytest.raises(ValueError, match="alpha, beta"):
         compute_optimal(1e20, ChinchillaFit(E=1.0, A=1.0, B=1.0, alpha=0.0, beta=0.3))
+
+
+@pytest.mark.parametrize("fit", [scaling.PAPER_FIT, scaling.REPLICATION_FIT], ids=["paper", "replication"])
+def test_compute_overhead_against_root_finding(fit):
+    from scipy.optimize import brentq
+
+    C = 1e23
+    n_opt, d_opt = compute_optimal(C, fit)
+    target = float(fit(n_opt, d_opt))
+    assert scaling.compute_overhead(n_opt, C, fit) == pytest.approx(0.0, abs=1e-9)
+    for factor in (0.5, 0.8, 1.2, 3.0):
+        n = factor * n_opt
+        # independent reference: the tokens at which this size reaches the optimal loss, by bisection
+        d_needed = math.exp(brentq(lambda log_d: float(fit(n, math.exp(log_d))) - target, 0.0, 80.0, xtol=1e-13))
+        assert scaling.compute_overhead(n, C, fit) == pytest.approx(6 * n * d_needed / C - 1, rel=1e-6)
+        assert scaling.compute_overhead(n, C, fit) > 0
+    # the overhead depends on N / N_opt only, not on the budget
+    factors = np.array([0.3, 0.8, 1.2, 5.0])
+    at = {c: scaling.compute_overhead(factors * compute_optimal(c, fit)[0], c, fit) for c in (1e19, 1e21, 1e25)}
+    np.testing.assert_allclose(at[1e19], at[1e25], rtol=1e-9)
+    np.testing.assert_allclose(at[1e21], at[1e25], rtol=1e-9)
+    # the floor: finite just above floor_size_factor, infinite just below, at any budget
+    f_min = scaling.floor_size_factor(fit)
+    for c in (1e19, 1e25):
+        n_c = compute_optimal(c, fit)[0]
+        assert math.isfinite(scaling.compute_overhead(f_min * 1.001 * n_c, c, fit))
+        assert scaling.compute_overhead(f_min * 0.999 * n_c, c, fit) == math.inf
+    with pytest.raises(ValueError, match="positive"):
+        scaling.compute_overhead(0.0, C, fit)
+    with pytest.raises(ValueError, match="alpha, beta"):
+        scaling.floor_size_factor(ChinchillaFit(E=1.0, A=1.0, B=1.0, alpha=0.3, beta=0.0))
 
 
 # --------------------------------------------------------------------------- IsoFLOP (Approach 2)
