@@ -91,7 +91,7 @@ def train(
     seed: int = 0,
     eval_every: int | None = None,
     eval_fn: Callable[[nn.Module], float] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     desc: str = "train",
 ) -> TrainHistory:
     """Train ``model`` for ``steps`` optimiser steps and return the loss history.
@@ -99,6 +99,8 @@ def train(
     ``next_batch(step)`` returns a dict with ``input_ids`` ``(batch, seq)`` (and optionally
     ``attention_mask``); tensors are moved to the device here. ``eval_fn(model)`` is called
     every ``eval_every`` steps and at the end, in eval mode without gradients.
+    ``progress=None`` shows a live bar (a widget in Jupyter, text in a terminal) unless the run
+    is headless (papermill, CI), where a bar would only fill the log.
     """
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -110,12 +112,10 @@ def train(
     opt = optimizer if optimizer is not None else adamw(model, lr=lr, weight_decay=weight_decay, device=dev)
     history = TrainHistory()
 
-    if is_headless():
-        from tqdm import tqdm  # plain text: papermill logs stay readable
-        bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=5.0)
-    else:
-        from tqdm.auto import tqdm
-        bar = tqdm(range(steps), desc=desc, disable=not progress)
+    if progress is None:
+        progress = not is_headless()
+    from tqdm.auto import tqdm
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
 
     start = time.perf_counter()
     for step in bar:
