@@ -14,8 +14,9 @@ from pretrain_lib.distributed.comm_model import Layout, fit_latency_bandwidth, r
 from pretrain_lib.distributed.common import base_parser, check_args, global_batch, local_shard, setup
 from pretrain_lib.distributed.launch import (LaunchTimeoutError, RankFailedError, process_group_alive, run_torchrun,
                                              torchrun_command)
-from pretrain_lib.distributed.pipeline_parallel import (bubble_theory, gpipe_order, one_f_one_b_order,
-                                                        simulate_schedule, stage_layers)
+from pretrain_lib.distributed.pipeline_parallel import (bubble_theory, gpipe_order, layer_placement,
+                                                        one_f_one_b_order, placement_crossings, simulate_schedule,
+                                                        stage_layers)
 from pretrain_lib.distributed.collectives import parse_size
 from pretrain_lib.distributed.tensor_parallel import column_parallel_linear
 from pretrain_lib.distributed.zero import zero_memory_formula
@@ -74,6 +75,10 @@ def test_pipeline_orders_and_bubble():
         orders = [gpipe_order(m, s, p) for s in range(p)]
         assert simulate_schedule(orders, [1.0] * p, [2.0] * p) == pytest.approx(bubble_theory(p, m))
     assert [list(r) for r in stage_layers(5, 2)] == [[0, 1, 2], [3, 4]]
+    assert layer_placement(8, 2, "round_robin") == [0, 1] * 4 and layer_placement(8, 2, "contiguous") == [0] * 4 + [1] * 4
+    assert placement_crossings([0, 1] * 4) == 7 and placement_crossings([0] * 4 + [1] * 4) == 1
+    with pytest.raises(ValueError, match="unknown placement"):
+        layer_placement(4, 2, "random")
     with pytest.raises(ValueError, match="at least 3 layers"):
         stage_layers(2, 3)
 
@@ -126,10 +131,15 @@ def test_data_parallel_equals_single_process(tmp_path):
     m = run_torchrun("pretrain_lib.distributed.data_parallel", args=SMALL, run_dir=tmp_path, stream=False).metrics
     assert m["max_abs_diff_vs_single"] <= TOL
     v = m["variants"]
-    assert set(v) == {"by_hand", "ddp", "ddp_plus_manual"}
+    assert set(v) == {"by_hand", "ddp", "ddp_plus_manual", "ddp_same_data"}
     assert v["ddp"]["bytes_per_step"] == m["param_bytes"]  # DDP sends every gradient once
     assert v["ddp_plus_manual"]["bytes_per_step"] == 2 * m["param_bytes"]  # the pitfall: twice
     assert v["ddp"]["losses"] == pytest.approx(m["reference_losses"], abs=1e-5)
+    # the other pitfall: every rank reads the same rows = one process on batch / p sequences
+    same = v["ddp_same_data"]
+    assert same["max_abs_diff_vs_one_shard"] <= TOL and same["max_abs_diff_vs_single"] > 100 * TOL
+    assert same["losses"] == pytest.approx(m["one_shard_losses"], abs=1e-5)
+    assert m["one_shard_rows"] == 4 // m["world_size"]
 
 
 @torchrun
@@ -145,6 +155,9 @@ def test_zero_and_fsdp_equal_single_process_and_shard_memory(tmp_path):
     zero1 = m["variants"]["zero1"]["memory_per_rank"]
     assert sum(r["optim"] for r in zero1) == 8 * n  # optimiser state split over ranks, whole tensors each
     assert all(r["params"] == 4 * n for r in zero1)
+    # by hand: one all-gather and one reduce-scatter of the (padded) flat vector per step
+    padded = -(-n // p) * p
+    assert m["variants"]["by_hand"]["bytes_sent_per_step"] == 2 * 4 * padded
 
 
 @torchrun
@@ -159,11 +172,16 @@ def test_tensor_parallel_equals_unsharded(tmp_path):
 @torchrun
 @pytest.mark.distributed
 def test_pipeline_parallel_equals_single_process(tmp_path):
-    args = SMALL + ["--micro", "2", "--bubble-micro", "1,4", "--bubble-steps", "2", "--bubble-d-model", "32",
-                    "--bubble-seq-len", "16", "--bubble-batch", "8"]
+    # 4 layers (the last --n-layers wins) so round-robin [0, 1, 0, 1] differs from contiguous [0, 0, 1, 1]
+    args = SMALL + ["--n-layers", "4", "--micro", "2", "--bubble-micro", "1,4", "--bubble-steps", "2",
+                    "--bubble-d-model", "32", "--bubble-seq-len", "16", "--bubble-batch", "8"]
     m = run_torchrun("pretrain_lib.distributed.pipeline_parallel", args=args, run_dir=tmp_path, stream=False).metrics
     assert m["max_abs_diff_vs_single"] <= TOL
-    assert set(m["variants"]) == {"naive", "by_hand", "by_hand_1f1b", "gpipe", "1f1b"}
+    assert set(m["variants"]) == {"naive", "by_hand", "by_hand_1f1b", "gpipe", "1f1b", "round_robin"}
+    rr = m["variants"]["round_robin"]
+    assert rr["max_abs_diff_vs_single"] <= TOL and rr["crossings_per_forward"] == 3
+    # 3 crossings, forward and backward, of one (batch, seq, d_model) fp32 activation
+    assert rr["bytes_sent_per_step_all_ranks"] == 2 * 3 * 4 * 16 * 32 * 4
     b = {row["n_micro"]: row for row in m["bubble"]}
     assert b[1]["simulated"] == pytest.approx(0.5, abs=1e-9)  # p = 2, one micro-batch: each stage idles half
     assert b[4]["simulated"] < b[1]["simulated"]
@@ -177,6 +195,7 @@ def test_collectives_results_and_rank_failure(tmp_path):
     assert m["max_abs_diff_vs_single"] == 0.0
     assert {r["op"] for r in m["results"]} == {"all_reduce", "all_gather", "reduce_scatter"}
     assert all(r["seconds"] > 0 and math.isfinite(r["busbw_GBps"]) for r in m["results"])
+    assert all(r["seconds_min"] <= r["seconds"] <= r["seconds_max"] and r["iters"] == 2 for r in m["results"])
     with pytest.raises(RankFailedError, match="rank 1") as info:
         run_torchrun("pretrain_lib.distributed.collectives", args=["--sizes", "1KB", "--fault", "raise"],
                      run_dir=tmp_path / "fail", stream=False, timeout_s=120)

@@ -1,9 +1,9 @@
 """Measure all-reduce, all-gather and reduce-scatter on this machine's backend.
 
-For each message size (bytes per rank's input) the module times ``--iters`` calls after a
-warm-up and reports the median. Bus bandwidth rescales the algorithm bandwidth
-(bytes / time) by what a ring must move per rank: 2(p-1)/p for all-reduce and (p-1)/p
-for all-gather and reduce-scatter (Thakur et al., 2005), so it can be compared with the
+For each message size (bytes per rank's input) the module times ``--iters`` calls after
+``--warmup`` untimed ones and reports the median, the fastest and the slowest call. Bus
+bandwidth rescales the algorithm bandwidth (bytes / time) by what a ring must move per
+rank: 2(p-1)/p for all-reduce and (p-1)/p for all-gather and reduce-scatter (Thakur et al., 2005), so it can be compared with the
 link's bandwidth. Each result is also checked against the value one process computes
 from every rank's input (``max_abs_diff_vs_single``).
 """
@@ -57,12 +57,15 @@ def run_op(op: str, n: int, rank: int, world: int, device: torch.device) -> tupl
     raise ValueError(f"unknown collective {op!r}; choose among {sorted(RING_FACTOR)}")
 
 
-def time_op(op: str, n: int, world: int, device: torch.device, iters: int) -> float:
-    """Median seconds of one call (inputs allocated outside the timed region)."""
+def time_op(op: str, n: int, world: int, device: torch.device, iters: int, warmup: int = 3) -> list[float]:
+    """Seconds of each of ``iters`` timed calls, after ``warmup`` untimed ones (inputs allocated
+    outside the timed region). Rank 0's clock; every call starts after a barrier."""
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     x = torch.ones(n, device=device)
     out = torch.empty(n * world if op == "all_gather" else max(n // world, 1), device=device)
     times = []
-    for i in range(iters + 1):
+    for i in range(warmup + iters):
         dist.barrier()
         sync(device)
         t0 = time.perf_counter()
@@ -73,16 +76,17 @@ def time_op(op: str, n: int, world: int, device: torch.device, iters: int) -> fl
         else:
             dist.reduce_scatter_tensor(out, x)
         sync(device)
-        if i:  # the first call is a warm-up (connection setup, allocation)
+        if i >= warmup:  # warm-ups pay connection setup and allocation
             times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("Bandwidth of all-reduce, all-gather and reduce-scatter against the ring cost model.")
     parser.add_argument("--sizes", default="1KB,16KB,256KB,1MB,4MB,16MB,64MB", help="bytes per rank's input")
     parser.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per size (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing each size")
     args = parser.parse_args(argv)
     ctx = setup(args.init_timeout)
     inject_fault(args, ctx)
@@ -98,9 +102,11 @@ def main(argv: list[str] | None = None) -> None:
         for size in sizes:
             n = max(size // 4, p)
             n -= n % p
-            seconds = time_op(op, n, p, ctx.device, args.iters)
+            times = sorted(time_op(op, n, p, ctx.device, args.iters, args.warmup))
+            seconds = times[len(times) // 2]
             algbw = n * 4 / seconds
-            rows.append({"op": op, "bytes": n * 4, "seconds": seconds, "algbw_GBps": algbw / 1e9,
+            rows.append({"op": op, "bytes": n * 4, "seconds": seconds, "seconds_min": times[0],
+                         "seconds_max": times[-1], "iters": len(times), "algbw_GBps": algbw / 1e9,
                          "busbw_GBps": algbw * RING_FACTOR[op](p) / 1e9})
     if ctx.is_main:
         write_metrics(args.out, {"strategy": "collectives", "world_size": p, "backend": ctx.backend,

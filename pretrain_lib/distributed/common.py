@@ -171,13 +171,18 @@ def make_optimizer(params, args: argparse.Namespace) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, eps=1e-6)
 
 
-def reference_run(args: argparse.Namespace, device: torch.device | str = "cpu") -> tuple[GPT, list[float]]:
-    """One process training on the full global batch: the result every strategy must reproduce."""
+def reference_run(args: argparse.Namespace, device: torch.device | str = "cpu",
+                  n_rows: int | None = None) -> tuple[GPT, list[float]]:
+    """One process training on the full global batch: the result every strategy must reproduce.
+
+    ``n_rows`` keeps only the first rows of each step's batch ``(n_rows, seq_len)``: what one
+    rank alone would train on (used to show what the "same data on every rank" mistake equals).
+    """
     model = build_model(args, device)
     opt = make_optimizer(model.parameters(), args)
     losses = []
     for step in range(args.steps):
-        ids = global_batch(step, args).to(device)
+        ids = global_batch(step, args)[:n_rows].to(device)
         loss = clm_loss(model(ids), ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -9,6 +9,9 @@ Three variants run one after another from the same initial weights:
   all-reduce with the rest of the backward pass;
 - ``ddp_plus_manual`` (the pitfall): DDP *and* a by-hand all-reduce afterwards. The
   result is the same (averaging averages changes nothing) but every byte is sent twice.
+- ``ddp_same_data`` (the other pitfall): DDP, but every rank reads the same rows (the first
+  ``batch / p``), as when the data loader is not sharded by rank. Its weights equal one
+  process trained on ``batch / p`` sequences, not on the global batch: p ranks do the work of one.
 
 Run: ``python -m torch.distributed.run --standalone --nproc_per_node=2 -m
 pretrain_lib.distributed.data_parallel --steps 3 --out RUN_DIR``.
@@ -63,11 +66,18 @@ def _counting_allreduce_hook(state, bucket):  # no annotations: DDP checks them 
     return fut.then(lambda f: f.value()[0])
 
 
+VARIANTS = ("by_hand", "ddp", "ddp_plus_manual", "ddp_same_data")
+# variants that must reproduce one process on the global batch (the same-data pitfall must not)
+EXACT_VARIANTS = ("by_hand", "ddp", "ddp_plus_manual")
+
+
 def train_variant(variant: str, args, ctx: DistContext) -> dict:
     """Train ``args.steps`` steps with ``variant`` and return its weights, losses, bytes and timings."""
     model = build_model(args, ctx.device)
     counter = _ByteCounter()
-    if variant in ("ddp", "ddp_plus_manual"):
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(VARIANTS)}")
+    if variant in ("ddp", "ddp_plus_manual", "ddp_same_data"):
         # device_ids takes the *local* GPU index: a global rank breaks on the second node
         ddp = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         ddp.register_comm_hook(counter, _counting_allreduce_hook)
@@ -77,7 +87,9 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
     opt = make_optimizer(net.parameters(), args)
     losses, step_seconds, manual_bytes = [], [], 0
     for step in range(args.steps):
-        ids = local_shard(global_batch(step, args), ctx.rank, ctx.world_size).to(ctx.device)
+        # the pitfall: every rank reads rank 0's rows, so the ranks' gradients are identical
+        shard_rank = 0 if variant == "ddp_same_data" else ctx.rank
+        ids = local_shard(global_batch(step, args), shard_rank, ctx.world_size).to(ctx.device)
         sync(ctx.device)
         t0 = time.perf_counter()
         loss = clm_loss(net(ids), ids)
@@ -99,23 +111,33 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("Data parallel training by hand, with DDP, and with the double all-reduce pitfall.")
-    parser.add_argument("--variants", default="by_hand,ddp,ddp_plus_manual")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args(argv)
     ctx = setup(args.init_timeout)
     check_args(args, ctx.world_size)
     inject_fault(args, ctx)
     ref_model, ref_losses = reference_run(args, ctx.device)
     ref = params_of(ref_model)
+    per_rank_rows = args.batch // ctx.world_size
+    one_shard_model, one_shard_losses = reference_run(args, ctx.device, n_rows=per_rank_rows)
+    one_shard = params_of(one_shard_model)
     metrics: dict = {"strategy": "data_parallel", "world_size": ctx.world_size, "backend": ctx.backend,
                      "device": str(ctx.device), "n_params": sum(p.numel() for p in ref_model.parameters()),
                      "param_bytes": sum(tensor_bytes(p) for p in ref_model.parameters()),
+                     "n_param_tensors": len(list(ref_model.parameters())),
                      "reference_losses": ref_losses, "variants": {}}
     for variant in args.variants.split(","):
         dist.barrier()  # start each variant together so timings compare
         out = train_variant(variant, args, ctx)
-        out["max_abs_diff_vs_single"] = max_abs_diff(out.pop("params"), ref)
+        params = out.pop("params")
+        out["max_abs_diff_vs_single"] = max_abs_diff(params, ref)
+        # the same process trained on only batch / p sequences (rank 0's shard)
+        out["max_abs_diff_vs_one_shard"] = max_abs_diff(params, one_shard)
         metrics["variants"][variant] = out
-    metrics["max_abs_diff_vs_single"] = max(v["max_abs_diff_vs_single"] for v in metrics["variants"].values())
+    metrics["one_shard_rows"] = per_rank_rows
+    metrics["one_shard_losses"] = one_shard_losses
+    exact = [v["max_abs_diff_vs_single"] for k, v in metrics["variants"].items() if k in EXACT_VARIANTS]
+    metrics["max_abs_diff_vs_single"] = max(exact) if exact else float("nan")
     if ctx.is_main:
         write_metrics(args.out, metrics)
     teardown()

@@ -11,7 +11,9 @@ so that at most p micro-batches' activations are alive at once.
 
 Variants: ``by_hand`` (send/recv following a schedule's order list), ``gpipe`` and
 ``1f1b`` (``torch.distributed.pipelining``), each checked against one process; then the
-by-hand GPipe's bubble is measured for several micro-batch counts.
+by-hand GPipe's bubble is measured for several micro-batch counts. ``round_robin`` runs
+the source chapter's placement (block i on rank i mod p, one batch): it also equals one
+process, but its activations cross ranks L - 1 times per forward pass instead of p - 1.
 
 The output layer is tied to the token embedding, which lives on the first stage; the
 last stage keeps a copy and the two gradients are summed after each backward pass, so
@@ -155,6 +157,133 @@ def run_schedule_by_hand(stage: Stage, ids: torch.Tensor, order: list[tuple[str,
     return total_loss, timeline, sent
 
 
+def layer_placement(n_layers: int, n_ranks: int, kind: str) -> list[int]:
+    """The rank of each block: 'contiguous' stages, or the source chapter's 'round_robin' (block i on i mod p)."""
+    if kind == "contiguous":
+        return [s for s, layers in enumerate(stage_layers(n_layers, n_ranks)) for _ in layers]
+    if kind == "round_robin":
+        return [i % n_ranks for i in range(n_layers)]
+    raise ValueError(f"unknown placement {kind!r}; choose 'contiguous' or 'round_robin'")
+
+
+def placement_crossings(placement: list[int]) -> int:
+    """How many times the activations change rank in one forward pass."""
+    return sum(a != b for a, b in zip(placement, placement[1:]))
+
+
+def run_placement_by_hand(model: GPT, placement: list[int], ids: torch.Tensor, ctx: DistContext,
+                          d_model: int) -> tuple[float, int]:
+    """One forward and backward pass of the whole batch ``ids`` ``(b, t)`` with block i on rank
+    ``placement[i]`` (embeddings with block 0, final LayerNorm and output layer with the last block).
+
+    Consecutive blocks on the same rank form a segment; the activation ``(b, t, d)`` is sent
+    at every segment boundary forward and its gradient comes back the same way. Only one rank
+    computes at a time. Returns (loss on the rank that computes it, else 0; bytes this rank sent).
+    """
+    bb = model.backbone
+    segments: list[tuple[int, list[int]]] = []  # (rank, consecutive block indices)
+    for i, r in enumerate(placement):
+        if segments and segments[-1][0] == r:
+            segments[-1][1].append(i)
+        else:
+            segments.append((r, [i]))
+    b, t = ids.shape
+    saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    pending, sent, loss_value = [], 0, 0.0
+    for k, (owner, layers) in enumerate(segments):
+        if owner != ctx.rank:
+            continue
+        if k == 0:
+            x_in = None
+            h = bb.tok_emb(ids) + bb.pos_emb(torch.arange(t, device=ids.device))
+        else:
+            x_in = torch.empty(b, t, d_model, device=ids.device)
+            dist.recv(x_in, src=segments[k - 1][0])
+            x_in.requires_grad_(True)
+            h = x_in
+        for i in layers:
+            h = bb.blocks[i](h)
+        if k == len(segments) - 1:
+            h = clm_loss(bb.ln_f(h) @ bb.tok_emb.weight.T, ids)
+            loss_value = h.item()
+        else:
+            pending.append(dist.isend(h.detach().contiguous(), dst=segments[k + 1][0]))
+            sent += tensor_bytes(h)
+        saved[k] = (x_in, h)
+    for k in reversed(range(len(segments))):
+        if segments[k][0] != ctx.rank:
+            continue
+        x_in, out = saved.pop(k)
+        if k == len(segments) - 1:
+            out.backward()
+        else:
+            grad = torch.empty_like(out)
+            dist.recv(grad, src=segments[k + 1][0])
+            out.backward(grad)
+        if x_in is not None:
+            pending.append(dist.isend(x_in.grad.contiguous(), dst=segments[k - 1][0]))
+            sent += tensor_bytes(x_in.grad)
+    for work in pending:
+        work.wait()
+    return loss_value, sent
+
+
+def train_placement(args, ctx: DistContext, placement: list[int]) -> dict:
+    """Train with ``run_placement_by_hand``: each rank updates only the blocks it holds."""
+    model = build_model(args, ctx.device)
+    bb = model.backbone
+    owned: dict[str, nn.Parameter] = {}
+    for name, prm in model.named_parameters():
+        if name.startswith("backbone.blocks."):
+            mine = placement[int(name.split(".")[2])] == ctx.rank
+        elif name.startswith("backbone.ln_f"):
+            mine = placement[-1] == ctx.rank
+        elif name == "backbone.tok_emb.weight":  # the embedding and the tied output layer
+            mine = ctx.rank in (placement[0], placement[-1])
+        else:
+            mine = placement[0] == ctx.rank
+        if mine:
+            owned[name] = prm
+    opt = make_optimizer(owned.values(), args)
+    losses, step_seconds, sent = [], [], 0
+    for step in range(args.steps):
+        ids = global_batch(step, args).to(ctx.device)
+        opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        sync(ctx.device)
+        t0 = time.perf_counter()
+        loss, nbytes = run_placement_by_hand(model, placement, ids, ctx, args.d_model)
+        # the tied weight's two uses may sit on two ranks: sum their gradients (zeros elsewhere)
+        w = bb.tok_emb.weight
+        grad = (w.grad if w.grad is not None else torch.zeros_like(w)).contiguous()
+        dist.all_reduce(grad)
+        if "backbone.tok_emb.weight" in owned:
+            w.grad = grad
+        opt.step()
+        sync(ctx.device)
+        step_seconds.append(time.perf_counter() - t0)
+        sent += nbytes
+        t = torch.tensor([loss], device=ctx.device)
+        dist.all_reduce(t)
+        losses.append(float(t))
+    parts = [None] * ctx.world_size
+    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in owned.items()})
+    params: dict[str, torch.Tensor] = {}
+    copies = []
+    for part in parts:
+        if "backbone.tok_emb.weight" in part:
+            copies.append(part["backbone.tok_emb.weight"])
+        params.update(part)
+    total_sent = torch.tensor([float(sent)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(total_sent)
+    return {"params": params, "losses": losses, "n_micro": 1,
+            "tied_copies_max_abs_diff": max(float((c - copies[0]).abs().max()) for c in copies),
+            "seconds_per_step": sorted(step_seconds)[len(step_seconds) // 2],
+            "bubble_measured": None, "bubble_simulated": None,
+            "crossings_per_forward": placement_crossings(placement),
+            "bytes_sent_per_step_all_ranks": float(total_sent) / args.steps}
+
+
 def bubble_fraction(timeline: list[tuple[str, int, float, float]], start: float, end: float) -> float:
     """Share of [start, end] this stage spent not computing."""
     busy = sum(e - s for _, _, s, e in timeline)
@@ -221,6 +350,11 @@ def gather_params(stage: Stage, ctx: DistContext) -> dict[str, torch.Tensor]:
 
 
 def train_variant(variant: str, args, ctx: DistContext, n_micro: int) -> dict:
+    if variant == "round_robin":  # the source chapter's placement, one batch, no micro-batches
+        return train_placement(args, ctx, layer_placement(args.n_layers, ctx.world_size, "round_robin"))
+    if variant not in ("naive", "by_hand", "by_hand_1f1b", "gpipe", "1f1b"):
+        raise ValueError(f"unknown variant {variant!r}; choose among naive, by_hand, by_hand_1f1b, gpipe, 1f1b, "
+                         "round_robin")
     model = build_model(args, ctx.device)
     stage = Stage(model, ctx.rank, ctx.world_size)
     opt = make_optimizer(stage.parameters(), args)
@@ -293,7 +427,7 @@ def train_variant(variant: str, args, ctx: DistContext, n_micro: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("Pipeline parallelism: naive split, GPipe and 1F1B, by hand and with torch pipelining.")
     parser.add_argument("--micro", type=int, default=4, help="micro-batches per step for the equivalence runs")
-    parser.add_argument("--variants", default="naive,by_hand,by_hand_1f1b,gpipe,1f1b")
+    parser.add_argument("--variants", default="naive,by_hand,by_hand_1f1b,gpipe,1f1b,round_robin")
     parser.add_argument("--bubble-micro", default="1,2,4,8",
                         help="micro-batch counts for the bubble measurement ('' to skip)")
     parser.add_argument("--bubble-steps", type=int, default=3)
