@@ -66,7 +66,7 @@ class ShardedTokenDataset(IterableDataset):
     for k < (n - 1) // seq_len (consecutive windows share one token, so every token after
     the first is a target exactly once). Windows never cross shard boundaries.
 
-    Order: each epoch, all windows of all shards are shuffled with ``seed + epoch`` (the
+    Order: each epoch, all windows of all shards are shuffled with ``default_rng([seed, epoch])`` (the
     same permutation on every rank, no communication needed). Rank r takes every
     ``world_size``-th window starting at r; inside a rank, the remaining windows are cut
     into chunks of ``chunk_size`` and DataLoader worker w takes chunks w, w + W, ... The
