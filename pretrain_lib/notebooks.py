@@ -51,9 +51,10 @@ def execute_notebook(path: Path, *, build_dir: Path = REPO_ROOT / "build", param
         return NotebookRun(str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path),
                            time.perf_counter() - start, True)
     except Exception as exc:  # papermill wraps the cell's error; keep its message for the table
-        message = str(exc).strip().splitlines()
-        return NotebookRun(str(path), time.perf_counter() - start, False,
-                           "\n".join(message[-15:]) + f"\n(executed copy: {out})")
+        message = "\n".join(str(exc).strip().splitlines()[-15:])
+        if out.exists():  # papermill writes the copy as it goes; a notebook it cannot read has none
+            message += f"\n(executed copy with the failing cell: {out})"
+        return NotebookRun(str(path), time.perf_counter() - start, False, message)
     finally:
         for k, v in saved.items():
             if v is None:
