@@ -27,8 +27,8 @@ def source_style_examples(lines: Sequence[str], tokenizer: Tokenizer, *, max_len
     pad, mask_id, vocab = ids["[PAD]"], ids["[MASK]"], tokenizer.get_vocab_size()
     gen = torch.Generator().manual_seed(seed)
     examples = []
-    for line in lines:
-        tokens = tokenizer.encode(line, add_special_tokens=False).ids[:max_length]
+    for ids_of_line in encode_texts(tokenizer, lines, batch_size=1):  # one tokenizer call per line
+        tokens = ids_of_line[:max_length]
         tokens = tokens + [pad] * (max_length - len(tokens))
         row = torch.tensor(tokens)
         n_masked = max(1, int(max_length * 0.15))

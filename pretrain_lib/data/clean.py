@@ -20,7 +20,7 @@ import unicodedata
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
-from .corpus import Document
+from .corpus import Document, strip_markdown
 
 # ---------------------------------------------------------------- normalisation
 
@@ -30,9 +30,6 @@ _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 _HTML_BLOCK = re.compile(r"<(script|style)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9-]*(\s[^<>]*)?/?>")
 _HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
-_MD_HEADING = re.compile(r"^#{1,6}[ \t]+", re.MULTILINE)
-_MD_EMPHASIS = re.compile(r"(\*\*|__|\*)(?=\S)(.+?)(?<=\S)\1")
-_MD_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
 
 
 def normalize_text(text: str) -> str:
@@ -51,15 +48,12 @@ def normalize_text(text: str) -> str:
 
 
 def strip_markup(text: str) -> str:
-    """Remove HTML (tags, comments, script/style blocks, entities) and markdown markup,
-    keeping the words a reader would see."""
+    """Remove HTML (tags, comments, script/style blocks, entities), then markdown markup with
+    :func:`pretrain_lib.data.corpus.strip_markdown`, keeping the words a reader would see."""
     text = _HTML_BLOCK.sub(" ", text)
     text = _HTML_COMMENT.sub(" ", text)
     text = _HTML_TAG.sub("", text)
-    text = html.unescape(text)
-    text = _MD_LINK.sub(r"\1", text)
-    text = _MD_HEADING.sub("", text)
-    return _MD_EMPHASIS.sub(r"\2", text)
+    return strip_markdown(html.unescape(text))
 
 
 # ---------------------------------------------------------------- document statistics

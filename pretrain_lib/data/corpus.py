@@ -59,18 +59,30 @@ def shakespeare_play_paths() -> list[Path]:
     return plays
 
 
-_MD_EMPHASIS = re.compile(r"(\*\*|__|\*|_)(.+?)\1")
-_MD_HEADING = re.compile(r"^#{1,6}\s*", re.MULTILINE)
-_MD_LINE_BREAK = re.compile(r"[ \t]+$", re.MULTILINE)  # two trailing spaces = <br> in markdown
+# Markdown, the one implementation (clean.strip_markup calls it after removing HTML).
+_MD_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")             # [text](url) and ![alt](src): keep the text
+_MD_HEADING = re.compile(r"^#{1,6}[ \t]+", re.MULTILINE)         # "## ACT I"; "#hashtag" is not a heading
+_MD_STAR_EMPHASIS = re.compile(r"(\*\*|\*)(?=\S)(.+?)\1")        # **bold**, *italic*; "a * b" is not emphasis
+_MD_UNDERSCORE_EMPHASIS = re.compile(r"(?<!\w)(__|_)(?=\S)(.+?)\1(?!\w)")  # _italic_, but snake_case stays
+_MD_LINE_BREAK = re.compile(r"[ \t]+$", re.MULTILINE)           # two trailing spaces = <br> in markdown
+_MD_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def strip_markdown(text: str) -> str:
-    """Remove the plays' markdown markup (headings, bold speaker names, italic stage
-    directions, hard line-break spaces) and keep the words."""
+    """Remove markdown markup and keep the words a reader would see.
+
+    Links and images keep their text, headings lose their ``#``, ``**bold**``, ``*italic*``
+    and ``_italic_`` lose their markers (an underscore inside a word, as in ``snake_case``,
+    is not emphasis), hard line-break spaces go, runs of blank lines shrink to one, and the
+    result ends with one newline. The plays' speaker names (bold) and stage directions
+    (italic) are markdown, so the corpus loader calls this on every play.
+    """
+    text = _MD_LINK.sub(r"\1", text)
     text = _MD_HEADING.sub("", text)
-    text = _MD_EMPHASIS.sub(r"\2", text)
+    text = _MD_STAR_EMPHASIS.sub(r"\2", text)
+    text = _MD_UNDERSCORE_EMPHASIS.sub(r"\2", text)
     text = _MD_LINE_BREAK.sub("", text)
-    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+    return _MD_BLANK_LINES.sub("\n\n", text).strip() + "\n"
 
 
 def iter_shakespeare(*, strip_markup: bool = True, max_plays: int | None = None) -> Iterator[Document]:

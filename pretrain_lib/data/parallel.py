@@ -22,6 +22,8 @@ from tokenizers import Tokenizer
 
 from .clean import normalize_text
 from .corpus import decode_utf8
+from .shards import choose_dtype
+from .tokenizer import encode_texts
 
 _worker_tokenizer: Tokenizer | None = None
 
@@ -35,14 +37,17 @@ def _init_worker(tokenizer_json: str) -> None:
 def _encode_file(path: str) -> tuple[str, np.ndarray, int]:
     data = Path(path).read_bytes()
     text = normalize_text(decode_utf8(data, path))
-    ids = _worker_tokenizer.encode(text, add_special_tokens=False).ids if text else []
-    dtype = np.uint16 if _worker_tokenizer.get_vocab_size() <= 2 ** 16 else np.uint32
-    return path, np.asarray(ids, dtype=dtype), len(data)
+    (ids,) = encode_texts(_worker_tokenizer, [text])
+    return path, np.asarray(ids, dtype=choose_dtype(_worker_tokenizer.get_vocab_size())), len(data)
 
 
 def tokenize_files(paths: Sequence[str | Path], tokenizer: Tokenizer, *, processes: int = 1,
                    start_method: str = "spawn") -> list[np.ndarray]:
-    """Token ids of every file (read, decoded, normalised, encoded), in the order of ``paths``.
+    """Token ids of every file (read, decoded, normalised, encoded with
+    :func:`pretrain_lib.data.tokenizer.encode_texts`), in the order of ``paths``.
+
+    Returns one 1-D array per file, in the smallest unsigned dtype that holds the vocabulary
+    (:func:`pretrain_lib.data.shards.choose_dtype`: uint16 up to 65,536 ids).
 
     ``processes=1`` runs in this process (no pool); more uses a ``multiprocessing`` pool with
     ``imap`` in order. ``start_method="spawn"`` works everywhere (and is the macOS default);

@@ -10,6 +10,7 @@ whitespace and punctuation, so decoding does not restore the exact text).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -107,12 +108,32 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], *, batch_size: int = 64) -> list[list[int]]:
-    """Token ids of each text, with ``encode_batch`` (the library's own thread parallelism)."""
+def encode_texts(tokenizer: Tokenizer, texts: Iterable[str], *, batch_size: int = 64) -> list[list[int]]:
+    """Token ids of every text, in order: the course's one function that tokenises a corpus.
+
+    ``texts``: any iterable of strings, a list or a generator that reads one document at a
+    time (a single string is refused: it would be read as one text per character). Texts
+    are encoded ``batch_size`` at a time with ``Tokenizer.encode_batch``, which spreads a
+    batch over the tokenizers library's own threads (``TOKENIZERS_PARALLELISM``);
+    ``batch_size=1`` is one call per text, the source chapter's style. No special tokens
+    are added: documents are separated later, by :func:`pretrain_lib.data.packing.pack_documents`
+    or :func:`pretrain_lib.data.shards.write_shards` with ``eot_id``.
+
+    Returns one list of ids per text (``len(result) == len(texts)``), Python ints. For
+    compact storage convert each with NumPy (:func:`pretrain_lib.data.shards.choose_dtype`);
+    :func:`pretrain_lib.data.parallel.tokenize_files` runs this function in worker processes.
+    """
+    if isinstance(texts, str):
+        raise TypeError("encode_texts expects an iterable of texts, got one string; pass [text]")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     ids: list[list[int]] = []
-    for start in range(0, len(texts), batch_size):
-        ids.extend(e.ids for e in tokenizer.encode_batch(list(texts[start:start + batch_size]),
-                                                         add_special_tokens=False))
+    stream = iter(texts)
+    while batch := list(itertools.islice(stream, batch_size)):
+        for text in batch:
+            if not isinstance(text, str):
+                raise TypeError(f"encode_texts expects strings, got {type(text).__name__} at position {len(ids)}")
+        ids.extend(e.ids for e in tokenizer.encode_batch(batch, add_special_tokens=False))
     return ids
 
 
