@@ -12,15 +12,17 @@ from torch.utils.data import DataLoader
 from pretrain_lib.data.clean import (CleaningReport, EmptyCorpusError, clean_documents, duplicate_line_fraction,
                                      gopher_rules, mean_word_length, normalize_text, strip_markup,
                                      symbol_to_word_ratio)
-from pretrain_lib.data.corpus import DecodeReport, Document, iter_corpus, iter_python_stdlib, load_text_folder
+from pretrain_lib.data.corpus import (DecodeReport, Document, iter_corpus, iter_python_stdlib, load_text_folder,
+                                      strip_markdown)
 from pretrain_lib.data.dedup import (DedupReport, MinHasher, brute_force_near_duplicates, estimated_jaccard,
                                      exact_dedup, exact_jaccard, lsh_candidate_probability, near_dedup,
                                      near_duplicate_pairs, shingle_hashes)
 from pretrain_lib.data.loader import MLMCollator, ResumableLoader, ShardedTokenDataset, random_batch
+from pretrain_lib.data.parallel import tokenize_files
 from pretrain_lib.data.packing import pack_documents, packing_waste, pad_documents, padding_waste
 from pretrain_lib.data.shards import (ShardError, TokenizerMismatchError, choose_dtype, read_all_tokens, read_index,
                                       write_shards)
-from pretrain_lib.data.tokenizer import (SPECIAL_TOKENS, bytes_per_token, load_tokenizer, round_trips,
+from pretrain_lib.data.tokenizer import (SPECIAL_TOKENS, bytes_per_token, encode_texts, load_tokenizer, round_trips,
                                          save_tokenizer, special_token_ids, tokenizer_fingerprint, train_tokenizer)
 
 CHINESE = "这是一个示例文本，另一个训练样本。"  # the source chapter's own example sentences
@@ -59,8 +61,15 @@ def test_non_utf8_bytes_are_reported_not_fatal(tmp_path):
 def test_normalize_and_markup():
     assert normalize_text("ﬁne\u00a0day  \r\n\r\n\r\n\r\nx\x00") == "fine day\n\nx\n"
     assert normalize_text("def f():\n    return 1   \n") == "def f():\n    return 1\n"  # indentation kept
-    assert strip_markup("<p>Hello <b>world</b> &amp; <script>x=1</script>all</p>") == "Hello world &  all"
-    assert strip_markup("# Title\n**bold** and [link](http://x)") == "Title\nbold and link"
+    assert strip_markup("<p>Hello <b>world</b> &amp; <script>x=1</script>all</p>") == "Hello world &  all\n"
+    assert strip_markup("# Title\n**bold** and [link](http://x)") == "Title\nbold and link\n"
+
+
+def test_markdown_stripping_keeps_code_and_arithmetic():
+    # one implementation: strip_markup is HTML removal followed by strip_markdown
+    assert strip_markup("<i>_Exit_</i> **KING**") == strip_markdown("_Exit_ **KING**") == "Exit KING\n"
+    assert strip_markdown("my_var_name = a * b * c") == "my_var_name = a * b * c\n"   # no emphasis here
+    assert strip_markdown("#hashtag\n![a cat](cat.png)") == "#hashtag\na cat\n"      # not a heading; image alt kept
 
 
 def test_gopher_statistics_hand_worked():
@@ -124,6 +133,8 @@ def test_lsh_finds_what_brute_force_finds():
     assert near_duplicate_pairs(sigs, bands=32, rows=4, threshold=0.8) == truth
     assert lsh_candidate_probability(0.9, bands=32, rows=4) > 0.999
     assert lsh_candidate_probability(0.1, bands=32, rows=4) < 0.01
+    # by hand: 2 bands of 2 rows at s = 0.5: a band matches with 0.25, some band with 1 - 0.75 ** 2
+    assert lsh_candidate_probability(0.5, bands=2, rows=2) == pytest.approx(0.4375)
 
 
 def test_near_dedup_on_documents():
@@ -149,6 +160,28 @@ def test_tokenizer_specials_save_load_fingerprint(bpe, small_corpus, tmp_path):
     other = train_tokenizer((d.text for d in small_corpus), vocab_size=700)
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(bpe)
     assert 1.0 < bytes_per_token(bpe, [small_corpus[0].text]) < 8.0
+
+
+def test_encode_texts_is_encode_per_text_for_any_iterable(bpe, small_corpus):
+    texts = ["To be, or not to be", "", "def f(x):\n    return x", CHINESE, small_corpus[0].text[:2000]]
+    one_by_one = [bpe.encode(t, add_special_tokens=False).ids for t in texts]  # the tokenizers library itself
+    assert encode_texts(bpe, texts) == one_by_one
+    assert encode_texts(bpe, iter(texts), batch_size=2) == one_by_one   # a generator, batches cut mid-list
+    assert encode_texts(bpe, texts, batch_size=1) == one_by_one
+    assert one_by_one[1] == [] and all(len(ids) > 0 for i, ids in enumerate(one_by_one) if i != 1)
+    with pytest.raises(TypeError, match="one string"):
+        encode_texts(bpe, "To be")
+    with pytest.raises(TypeError, match="expects strings"):
+        encode_texts(bpe, ["ok", 3])
+
+
+def test_tokenize_files_matches_encode_texts(bpe, tmp_path):
+    (tmp_path / "a.txt").write_text("Hello\r\nworld  \n\n\n\nagain\n")
+    (tmp_path / "b.txt").write_bytes(b"caf\xe9\n")
+    arrays = tokenize_files([tmp_path / "a.txt", tmp_path / "b.txt"], bpe, processes=1)
+    normalised = ["Hello\nworld\n\nagain\n", "caf\ufffd\n"]  # what normalize_text makes of the two files
+    assert [a.dtype for a in arrays] == [np.uint16, np.uint16]
+    assert [a.tolist() for a in arrays] == encode_texts(bpe, normalised)
 
 
 def test_wordpiece_has_specials_and_unk(small_corpus):
@@ -225,8 +258,11 @@ def numbered_shards(tmp_path):
 def test_windows_cover_every_full_window_for_2_ranks_x_2_workers(numbered_shards):
     seq_len = 8
     index = read_index(numbered_shards)
-    expected = {start + offset for offset, n in zip(np.cumsum((0,) + index.num_tokens[:-1]), index.num_tokens)
-                for start in range(0, (n - 1) // seq_len * seq_len, seq_len)}
+    assert index.num_tokens == (500, 500, 500, 500, 500, 410)
+    # by definition: a window starts at a multiple of seq_len and its seq_len + 1 tokens fit in the shard
+    expected = {500 * shard + start for shard, n in enumerate(index.num_tokens)
+                for start in range(0, n, seq_len) if start + seq_len + 1 <= n}
+    assert len(expected) == 5 * 62 + 51
     seen: dict[int, tuple[int, int]] = {}
     for rank in range(2):
         ds = ShardedTokenDataset(numbered_shards, seq_len=seq_len, rank=rank, world_size=2, seed=0)
@@ -242,25 +278,96 @@ def test_windows_cover_every_full_window_for_2_ranks_x_2_workers(numbered_shards
     assert abs(sum(r == 0 for r in seen.values()) - sum(r == 1 for r in seen.values())) <= 1
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resumed_loader_yields_the_same_batches(numbered_shards, num_workers):
+@pytest.fixture
+def tiny_shards(tmp_path):
+    """Tokens 0..199 in two shards of 100: 2 x 24 windows of 5 tokens (seq_len 4), 24 for each of 2 ranks."""
+    return write_shards([list(range(200))], tmp_path / "tiny", tokens_per_shard=100, vocab_size=200)
+
+
+def _read(source, count: int) -> list[torch.Tensor]:
+    """The next ``count`` items of ``source``, continuing into the next epochs (one iter() per epoch)."""
+    items: list[torch.Tensor] = []
+    while len(items) < count:
+        before = len(items)
+        items.extend(itertools.islice(iter(source), count - len(items)))
+        assert len(items) > before, "an epoch yielded nothing"
+    return items
+
+
+def _json_state(state: dict) -> dict:
+    assert all(type(v) is int for v in state.values()), state   # small, exact, JSON-serialisable
+    return json.loads(json.dumps(state))
+
+
+def _assert_same_stream(actual: list[torch.Tensor], expected: list[torch.Tensor], what: str) -> None:
+    assert len(actual) == len(expected), what
+    for i, (a, b) in enumerate(zip(actual, expected)):
+        assert torch.equal(a, b), f"{what}: item {i} differs"
+
+
+def test_dataset_resumes_exactly_after_every_window(tiny_shards):
     def make():
-        ds = ShardedTokenDataset(numbered_shards, seq_len=8, rank=1, world_size=2, seed=5)
-        return ResumableLoader(ds, batch_size=6, num_workers=num_workers, multiprocessing_context="fork")
-    reference = make()
-    uninterrupted = list(reference) + list(reference)  # two epochs
-    interrupted = make()
-    it = iter(interrupted)
-    head = [next(it) for _ in range(len(interrupted) - 3)]  # stop 3 batches before the epoch ends
-    state = interrupted.state_dict()
-    resumed = make()
-    resumed.load_state_dict(state)
-    tail = list(resumed) + list(resumed)
-    assert len(head) + len(tail) == len(uninterrupted)
-    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, head + tail))
-    # the stream does not depend on the number of workers
-    single = ShardedTokenDataset(numbered_shards, seq_len=8, rank=1, world_size=2, seed=5)
-    assert torch.equal(torch.cat(uninterrupted[:len(uninterrupted) // 2]), torch.stack(list(single)))
+        return ShardedTokenDataset(tiny_shards, seq_len=4, rank=1, world_size=2, seed=5)
+    n = len(make())
+    assert n == 24
+    uninterrupted = _read(make(), 2 * n)                  # two epochs, never stopped
+    starts = [int(w[0]) for w in uninterrupted]
+    assert len(set(starts[:n])) == len(set(starts[n:])) == n and starts[:n] != starts[n:]  # a new order each epoch
+    for k in range(n + 1):
+        interrupted = make()
+        head = list(itertools.islice(iter(interrupted), k))
+        state = _json_state(interrupted.state_dict())
+        assert (state["epoch"], state["position"]) == (0, k)
+        resumed = make()
+        resumed.load_state_dict(state)
+        _assert_same_stream(head + _read(resumed, 2 * n - k), uninterrupted, f"resumed after {k} windows")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_resumes_exactly_after_every_batch(tiny_shards, num_workers):
+    def make(workers=num_workers):
+        ds = ShardedTokenDataset(tiny_shards, seq_len=4, rank=1, world_size=2, seed=5)
+        return ResumableLoader(ds, batch_size=5, num_workers=workers, multiprocessing_context="fork")
+    n = len(make())
+    assert n == 5                                        # 24 windows: 4 batches of 5 and one of 4
+    uninterrupted = _read(make(), 2 * n)
+    assert [b.shape[0] for b in uninterrupted] == [5, 5, 5, 5, 4] * 2
+    # the batches are the dataset's own stream, whatever the number of workers
+    direct = torch.stack(_read(ShardedTokenDataset(tiny_shards, seq_len=4, rank=1, world_size=2, seed=5), 48))
+    assert torch.equal(torch.cat(uninterrupted), direct)
+    for k in range(n + 1):
+        interrupted = make()
+        head = list(itertools.islice(iter(interrupted), k))
+        state = _json_state(interrupted.state_dict())
+        assert (state["epoch"], state["position"]) == (0, min(5 * k, 24))
+        resumed = make()
+        resumed.load_state_dict(state)
+        _assert_same_stream(head + _read(resumed, 2 * n - k), uninterrupted, f"resumed after {k} batches")
+    # a state saved with one number of workers resumes with another
+    other = make(workers=2 - num_workers)
+    other.load_state_dict(state := {**state, "position": 10})
+    _assert_same_stream(_read(other, n - 2), uninterrupted[2:n], "resumed with another number of workers")
+
+
+def test_loader_refuses_persistent_workers_and_bad_states(tiny_shards):
+    ds = ShardedTokenDataset(tiny_shards, seq_len=4)
+    with pytest.raises(ValueError, match="persistent_workers"):
+        ResumableLoader(ds, batch_size=4, num_workers=2, persistent_workers=True)
+    state = ds.state_dict()
+    with pytest.raises(ValueError, match="outside"):
+        ds.load_state_dict({**state, "position": len(ds) + 1})
+    with pytest.raises(ValueError, match="lacks"):
+        ds.load_state_dict({"epoch": 0, "position": 0})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_loader_pins_batches_on_cuda(tiny_shards):
+    loader = ResumableLoader(ShardedTokenDataset(tiny_shards, seq_len=4), batch_size=4)
+    batch = next(iter(loader))
+    assert batch.is_pinned()
+    on_gpu = batch.to("cuda", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu(), batch)
 
 
 def test_resume_with_other_settings_is_refused(numbered_shards):
@@ -268,6 +375,9 @@ def test_resume_with_other_settings_is_refused(numbered_shards):
     b = ShardedTokenDataset(numbered_shards, seq_len=8, seed=2)
     with pytest.raises(ValueError, match="seed"):
         b.load_state_dict(a.state_dict())
+    unshuffled = ShardedTokenDataset(numbered_shards, seq_len=8, seed=1, shuffle=False)
+    with pytest.raises(ValueError, match="shuffle"):
+        unshuffled.load_state_dict(a.state_dict())
 
 
 def test_mlm_collator_masks_dynamically_and_spares_specials():

@@ -74,10 +74,13 @@ class ShardedTokenDataset(IterableDataset):
     number of windows is not a multiple of ``world_size`` the first ranks get one more.
 
     Resuming: ``state_dict()`` records the epoch and how many of this rank's windows were
-    consumed. Iterating the dataset directly counts them itself; through
-    :class:`ResumableLoader` (which sets ``chunk_size`` to the batch size so that the
-    DataLoader's round-robin over workers returns the windows in stream order) the loader
-    counts what it handed to the training loop.
+    consumed, as a few JSON-serialisable ints. Iterating the dataset directly (in this
+    process, one iterator at a time) counts a window when it is handed over, so the state
+    taken after k windows resumes at window k. Through :class:`ResumableLoader` (which sets
+    ``chunk_size`` to the batch size so that the DataLoader's round-robin over workers
+    returns the windows in stream order) the loader counts what it handed to the training
+    loop. A plain ``DataLoader`` with worker processes iterates copies of the dataset in
+    those processes, so nothing counts there: use :class:`ResumableLoader` to resume one.
     """
 
     def __init__(self, index_path: str | Path, *, seq_len: int, rank: int = 0, world_size: int = 1,
@@ -89,7 +92,7 @@ class ShardedTokenDataset(IterableDataset):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.index = read_index(index_path, expected_fingerprint=expected_fingerprint)
         self.seq_len, self.rank, self.world_size = seq_len, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
+        self.seed, self.shuffle = int(seed), bool(shuffle)
         counts = [max(0, (n - 1) // seq_len) for n in self.index.num_tokens]
         self.window_shard = np.repeat(np.arange(len(counts)), counts)
         self.window_start = np.concatenate([np.arange(c) * seq_len for c in counts]) if counts else np.zeros(0, int)
@@ -144,14 +147,15 @@ class ShardedTokenDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
-        in_main_process = info is None
-        if in_main_process and not self.externally_tracked:
+        counting = info is None and not self.externally_tracked  # iterated directly, in this process
+        if counting:
             self.start_epoch_if_finished()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         for window_id in self.worker_windows(worker, num_workers, start=self.position):
-            yield self.window(int(window_id))
-            if in_main_process and not self.externally_tracked:
-                self.position += 1
+            window = self.window(int(window_id))
+            if counting:
+                self.position += 1  # counted as it is handed over: a state taken now resumes after it
+            yield window
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -159,16 +163,33 @@ class ShardedTokenDataset(IterableDataset):
         return state
 
     # -- resuming -------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
-                "rank": self.rank, "world_size": self.world_size, "num_windows": self.num_windows}
+    _ORDER_KEYS = ("seed", "shuffle", "seq_len", "rank", "world_size", "num_windows", "total_tokens")
+
+    def state_dict(self) -> dict[str, int]:
+        """Where this rank's stream stands: ``epoch`` and ``position`` (windows of this rank's
+        stream consumed in that epoch), plus the settings that fix the window order, which
+        :meth:`load_state_dict` checks. Plain ints: the dict survives ``json.dumps``."""
+        return {"epoch": int(self.epoch), "position": int(self.position), "seed": self.seed,
+                "shuffle": int(self.shuffle), "seq_len": self.seq_len, "rank": self.rank,
+                "world_size": self.world_size, "num_windows": self.num_windows,
+                "total_tokens": int(self.index.total_tokens)}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "seq_len", "rank", "world_size", "num_windows"):
-            if state[key] != getattr(self, key):
+        """Continue from ``state`` (from :meth:`state_dict`): the next window is the one the
+        saved run would have read next. Refuses a state saved with other settings or data."""
+        missing = [k for k in ("epoch", "position", *self._ORDER_KEYS) if k not in state]
+        if missing:
+            raise ValueError(f"cannot resume: the saved loader state lacks {missing}; save it with state_dict()")
+        mine = self.state_dict()
+        for key in self._ORDER_KEYS:
+            if int(state[key]) != mine[key]:
                 raise ValueError(f"cannot resume: the saved loader state has {key}={state[key]} but this dataset has "
-                                 f"{key}={getattr(self, key)}; the window order would differ")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+                                 f"{key}={mine[key]}; the window order would differ")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= len(self.rank_stream(epoch)):
+            raise ValueError(f"cannot resume: epoch={epoch}, position={position} is outside this rank's stream of "
+                             f"{len(self.rank_stream(epoch))} windows")
+        self.epoch, self.position = epoch, position
 
 
 def _batch_len(batch) -> int:
@@ -188,24 +209,35 @@ class ResumableLoader:
     loaded into a fresh dataset and loader with the same settings, yields exactly the
     batches the uninterrupted loader would have yielded next (same ``num_workers`` or not:
     the stream order does not depend on it).
+
+    ``pin_memory`` (default: when CUDA is available) returns batches in page-locked host
+    memory, so that ``batch.to(device, non_blocking=True)`` copies without blocking the host.
     """
 
     def __init__(self, dataset: ShardedTokenDataset, *, batch_size: int, num_workers: int = 0,
-                 collate_fn=None, multiprocessing_context: str | None = None, **dataloader_kwargs):
+                 collate_fn=None, multiprocessing_context: str | None = None, pin_memory: bool | None = None,
+                 **dataloader_kwargs):
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if dataloader_kwargs.get("persistent_workers"):
+            raise ValueError("persistent_workers=True would keep the workers' copy of the position from the first "
+                             "epoch; ResumableLoader starts its workers at each iter(), leave it False")
         self.dataset = dataset
         self.batch_size = batch_size
         dataset.chunk_size = batch_size   # a worker's batch is one chunk: batches come back in stream order
         dataset.externally_tracked = True
         if num_workers > 0 and multiprocessing_context is None:
             multiprocessing_context = "fork" if "fork" in mp.get_all_start_methods() else None
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
         self.dataloader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
                                      multiprocessing_context=multiprocessing_context if num_workers else None,
-                                     **dataloader_kwargs)
+                                     pin_memory=pin_memory, **dataloader_kwargs)
 
     def __iter__(self):
         self.dataset.start_epoch_if_finished()
         for batch in self.dataloader:
-            self.dataset.position += _batch_len(batch)
+            self.dataset.position += _batch_len(batch)  # counted before it is handed over
             yield batch
 
     def __len__(self) -> int:
