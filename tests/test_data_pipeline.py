@@ -17,7 +17,7 @@ from pretrain_lib.data.corpus import (DecodeReport, Document, iter_corpus, iter_
 from pretrain_lib.data.dedup import (DedupReport, MinHasher, brute_force_near_duplicates, estimated_jaccard,
                                      exact_dedup, exact_jaccard, lsh_candidate_probability, near_dedup,
                                      near_duplicate_pairs, shingle_hashes)
-from pretrain_lib.data.loader import MLMCollator, ResumableLoader, ShardedTokenDataset, random_batch
+from pretrain_lib.data.loader import MLMCollator, ResumableLoader, ShardedTokenDataset, clm_collate, random_batch
 from pretrain_lib.data.parallel import tokenize_files
 from pretrain_lib.data.packing import pack_documents, packing_waste, pad_documents, padding_waste
 from pretrain_lib.data.shards import (ShardError, TokenizerMismatchError, choose_dtype, read_all_tokens, read_index,
@@ -347,6 +347,26 @@ def test_loader_resumes_exactly_after_every_batch(tiny_shards, num_workers):
     other = make(workers=2 - num_workers)
     other.load_state_dict(state := {**state, "position": 10})
     _assert_same_stream(_read(other, n - 2), uninterrupted[2:n], "resumed with another number of workers")
+
+
+def test_clm_collate_gives_the_engines_batch_dicts(tiny_shards):
+    def make(**kwargs):
+        return ResumableLoader(ShardedTokenDataset(tiny_shards, seq_len=4, seed=3), batch_size=5, **kwargs)
+    plain, dicts = list(make()), list(make(collate_fn=clm_collate))
+    assert [set(d) for d in dicts] == [{"input_ids"}] * len(plain)
+    _assert_same_stream([d["input_ids"] for d in dicts], plain, "clm_collate")
+    loader = make(collate_fn=clm_collate)
+    list(itertools.islice(iter(loader), 2))
+    assert loader.state_dict()["position"] == 10        # dict batches are counted by their rows
+
+
+def test_drop_last_moves_on_to_the_next_epoch(tiny_shards):
+    loader = ResumableLoader(ShardedTokenDataset(tiny_shards, seq_len=4, rank=1, world_size=2, seed=3), batch_size=5,
+                             drop_last=True)
+    assert len(loader) == 4                               # 24 windows: the tail of 4 is dropped
+    epochs = [list(loader), list(loader)]
+    assert [len(e) for e in epochs] == [4, 4] and loader.state_dict()["epoch"] == 1
+    assert not torch.equal(torch.cat(epochs[0]), torch.cat(epochs[1]))
 
 
 def test_loader_refuses_persistent_workers_and_bad_states(tiny_shards):

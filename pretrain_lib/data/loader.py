@@ -186,9 +186,9 @@ class ShardedTokenDataset(IterableDataset):
                 raise ValueError(f"cannot resume: the saved loader state has {key}={state[key]} but this dataset has "
                                  f"{key}={mine[key]}; the window order would differ")
         epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position <= len(self.rank_stream(epoch)):
+        if epoch < 0 or not 0 <= position <= len(self):
             raise ValueError(f"cannot resume: epoch={epoch}, position={position} is outside this rank's stream of "
-                             f"{len(self.rank_stream(epoch))} windows")
+                             f"{len(self)} windows")
         self.epoch, self.position = epoch, position
 
 
@@ -202,6 +202,12 @@ def _batch_len(batch) -> int:
     raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
 
 
+def clm_collate(windows: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack windows into ``{"input_ids": (batch, seq_len + 1)}`` int64: the batch dict that
+    :func:`pretrain_lib.train.train` reads (the causal loss shifts inside each window)."""
+    return {"input_ids": torch.stack([torch.as_tensor(w, dtype=torch.long) for w in windows])}
+
+
 class ResumableLoader:
     """A DataLoader over a :class:`ShardedTokenDataset` whose ``state_dict()`` is exact.
 
@@ -210,8 +216,10 @@ class ResumableLoader:
     batches the uninterrupted loader would have yielded next (same ``num_workers`` or not:
     the stream order does not depend on it).
 
-    ``pin_memory`` (default: when CUDA is available) returns batches in page-locked host
-    memory, so that ``batch.to(device, non_blocking=True)`` copies without blocking the host.
+    Batches are ``(batch, seq_len + 1)`` int64 tensors; ``collate_fn=clm_collate`` makes them
+    the engine's batch dicts, ``collate_fn=MLMCollator(...)`` masks them. ``pin_memory``
+    (default: when CUDA is available) returns batches in page-locked host memory, so that
+    ``batch.to(device, non_blocking=True)`` copies without blocking the host.
     """
 
     def __init__(self, dataset: ShardedTokenDataset, *, batch_size: int, num_workers: int = 0,
@@ -239,9 +247,12 @@ class ResumableLoader:
         for batch in self.dataloader:
             self.dataset.position += _batch_len(batch)  # counted before it is handed over
             yield batch
+        self.dataset.position = len(self.dataset)      # the epoch is over (drop_last may have left a tail)
 
     def __len__(self) -> int:
-        return -(-(len(self.dataset) - self.dataset.position) // self.batch_size)
+        """Batches left in the current epoch."""
+        left = len(self.dataset) - self.dataset.position
+        return left // self.batch_size if self.dataloader.drop_last else -(-left // self.batch_size)
 
     def state_dict(self) -> dict:
         return self.dataset.state_dict()
