@@ -50,6 +50,16 @@ class ModelConfig:
         return asdict(self)
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Reject out-of-range ids on the host copy, with NumPy (no per-element tensor reads)."""
+    if ids.device.type != "cpu" or ids.numel() == 0 or ids.dtype.is_floating_point:
+        return
+    arr = ids.numpy()
+    arr = arr[arr != -100] if arr.min() == -100 else arr  # -100: an ignored label position
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}); this batch spans [{arr.min()}, {arr.max()}]")
+
+
 class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -124,9 +134,11 @@ class TransformerBackbone(nn.Module):
         t = input_ids.size(1)
         if t > self.config.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len={self.config.max_seq_len}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got range "
-                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        # On the CPU the ids are checked with NumPy (no tensor reads). A GPU tensor is not
+        # checked here, since reading its min/max would stall the device on every forward:
+        # the engine checks each batch's host copy before moving it (train._to_device).
+        if not torch.compiler.is_compiling():
+            check_token_ids(input_ids, self.config.vocab_size)
         pos = torch.arange(t, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
         for block in self.blocks:
@@ -192,6 +204,7 @@ class GPT(_LanguageModel):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Extend ``input_ids`` ``(batch, seq)`` by sampling; ``temperature=0`` means greedy."""
+        check_token_ids(input_ids, self.config.vocab_size)
         was_training = self.training
         self.eval()
         ids = input_ids

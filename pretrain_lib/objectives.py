@@ -81,11 +81,13 @@ def _cross_entropy_over_labels(logits: torch.Tensor, targets: torch.Tensor, igno
     if logits.dim() != 3:
         raise ValueError(f"logits must be (batch, seq, vocab), got shape {tuple(logits.shape)}")
     flat_targets = targets.reshape(-1)
-    if not (flat_targets != ignore_index).any():
-        # No position carries a label: the mean over an empty set is undefined. Return a
-        # zero that still depends on the logits so a training step does not crash.
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat_targets, ignore_index=ignore_index)
+    # Sum, then divide by the count clamped at 1: the same as the mean when any position
+    # carries a label, and 0 (still attached to the logits) when none does. Branching on
+    # "any label?" instead would read a tensor on the host at every step.
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), flat_targets,
+                            ignore_index=ignore_index, reduction="sum")
+    count = (flat_targets != ignore_index).sum().clamp(min=1)
+    return total / count
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

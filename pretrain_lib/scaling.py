@@ -672,7 +672,8 @@ def run_isoflop_sweep(budgets: Sequence[float], shapes: Sequence[ModelShape], da
     """
     from .data.loader import random_windows
     from .objectives import clm_loss
-    from .train import adamw, clm_objective, train
+    from .optim import build_optimizer
+    from .train import clm_objective, train
     from .utils import resolve_device
 
     if not budgets or not shapes:
@@ -697,7 +698,7 @@ def run_isoflop_sweep(budgets: Sequence[float], shapes: Sequence[ModelShape], da
                 continue
             torch.manual_seed(seed)  # train() seeds too, but only after the weights exist
             model = GPT(config).to(dev)  # on the device before the optimiser sees its parameters
-            optimizer = adamw(model, lr=lr, device=dev)
+            optimizer = build_optimizer(model, lr=lr)
             generator = torch.Generator().manual_seed(seed)
             warmup = max(1, steps // 10)
 

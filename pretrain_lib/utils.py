@@ -43,11 +43,16 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def autocast_context(device: torch.device):
-    """bf16 autocast on CUDA (where it is fast and safe), a no-op context on the CPU (fp32)."""
+def configure_backend(device: torch.device) -> None:
+    """Process-wide settings that make a GPU fast without changing results meaningfully.
+
+    On CUDA: TF32 for fp32 matrix multiplies and convolutions (10 mantissa bits instead of
+    23 inside the tensor cores, the default of every large training codebase). On the CPU
+    nothing changes. Safe to call more than once.
+    """
     if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return torch.autocast(device_type="cpu", enabled=False)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def is_headless() -> bool:
