@@ -5,6 +5,8 @@
   exit 0 when every submission was graded (whatever the scores), 1 when some could not be
   (timeout or error, listed on stderr), 2 on bad arguments.
 * ``check NOTEBOOK``: a student grades their own file exactly as the instructor would.
+
+Both print one line on stderr saying how submissions are sandboxed (or that they are not).
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ def _jobs(value: str) -> int:
     return n
 
 
+def _size(value: str) -> int:
+    from .sandbox import parse_size
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     from .grader import DEFAULT_CELL_TIMEOUT_S, DEFAULT_TIMEOUT_S, EXERCISES_DIR
     parser = argparse.ArgumentParser(prog="python -m pretrain_lib.grading",
@@ -48,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"time limit for one cell (default {DEFAULT_CELL_TIMEOUT_S:g}, at most --timeout)")
         p.add_argument("--exercises", type=Path, default=EXERCISES_DIR, metavar="DIR",
                        help="folder of reference exercise notebooks (default: the course's exercises/)")
+        p.add_argument("--solutions", type=Path, default=None, metavar="DIR",
+                       help="folder of solution notebooks the hidden probes compare with (default: solutions/ "
+                            "beside --exercises, else the course's)")
+        p.add_argument("--memory-limit", type=_size, default=None, metavar="SIZE",
+                       help="memory for one submission, e.g. 4G (default: half the RAM divided by --jobs)")
+        p.add_argument("--no-sandbox", action="store_true",
+                       help="run student code without bubblewrap (trusted code, or to measure the sandbox's cost)")
 
     grade = sub.add_parser("grade", help="grade a folder of submissions (one sub-folder per student)")
     grade.add_argument("submissions", type=Path, metavar="SUBMISSIONS_DIR")
@@ -65,10 +82,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _status(args, jobs: int = 1) -> None:
+    from .sandbox import default_memory_limit, status_line
+    memory = args.memory_limit or default_memory_limit(jobs)
+    print(status_line(memory, sandboxed=False if args.no_sandbox else None), file=sys.stderr, flush=True)
+
+
 def _check(args) -> int:
     from .gradebook import _claimed_exercise, load_exercises
     from .grader import feedback_markdown, grade_notebook
-    exercises = load_exercises(args.exercises)
+    try:
+        exercises = load_exercises(args.exercises, args.solutions)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     path = args.notebook
     if not path.is_file():
         print(f"error: {path} is not a file", file=sys.stderr)
@@ -80,7 +107,9 @@ def _check(args) -> int:
         print(f"error: cannot tell which exercise {path.name} is; name it like one of {sorted(exercises)} "
               "or pass --exercise", file=sys.stderr)
         return 2
-    result = grade_notebook(path, exercises[name].path, timeout_s=args.timeout, cell_timeout_s=args.cell_timeout)
+    _status(args)
+    result = grade_notebook(path, exercises[name], timeout_s=args.timeout, cell_timeout_s=args.cell_timeout,
+                            memory_bytes=args.memory_limit, sandbox=not args.no_sandbox)
     print(feedback_markdown(result))
     print(f"score: {result.points:g} / {result.max_points:g} ({result.status})")
     return 0 if result.status == "graded" else 1
@@ -88,10 +117,12 @@ def _check(args) -> int:
 
 def _grade(args) -> int:
     from .gradebook import grade_class
+    _status(args, args.jobs)
     try:
         report = grade_class(args.submissions, args.out, exercises_dir=args.exercises, jobs=args.jobs,
                              timeout_s=args.timeout, cell_timeout_s=args.cell_timeout, force=args.force,
-                             only=args.only)
+                             only=args.only, solutions_dir=args.solutions, memory_bytes=args.memory_limit,
+                             sandbox=not args.no_sandbox)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -100,7 +131,8 @@ def _grade(args) -> int:
     for student, exercise in report.missing:
         print(f"missing: {student}/{exercise}", file=sys.stderr)
     for student, exercise in report.review:
-        print(f"review: {student}/{exercise} (an answer cell touches the grader; see its feedback)", file=sys.stderr)
+        print(f"review: {student}/{exercise} (an answer uses a forbidden shortcut; see the REVIEW notes in its "
+              "feedback)", file=sys.stderr)
     if report.not_graded:
         print(f"{len(report.not_graded)} submission(s) could not be graded (see their feedback files):", file=sys.stderr)
         for student, exercise, status in report.not_graded:

@@ -18,6 +18,8 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from .layout import check_id, defined_names, number_checks, tags
+
 REPO_ROOT = Path(__file__).resolve().parents[2]  # not utils: that imports torch
 
 SOLUTIONS_DIR = REPO_ROOT / "solutions"
@@ -25,10 +27,6 @@ EXERCISES_DIR = REPO_ROOT / "exercises"
 BEGIN, END = "# BEGIN SOLUTION", "# END SOLUTION"
 STUB = 'raise NotImplementedError("your code here")'
 _BEGIN_LINE = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION\s*$")
-
-
-def tags(cell) -> list[str]:
-    return list(cell.get("metadata", {}).get("tags", []))
 
 
 def stub_source(source: str) -> str:
@@ -79,15 +77,17 @@ def exercise_from_solution(solution: Path, executed: nbformat.NotebookNode | Non
     source_nb = nbformat.read(solution, as_version=4)
     executed = executed if executed is not None else execute_solution(solution)
     by_id = {c.get("id"): c for c in executed.cells}
-    check_count = 0
+    seen_ids: set[str] = set()
     for cell in source_nb.cells:
         if cell.cell_type != "code":
             continue
         cell_tags = tags(cell)
         cell.execution_count = None
         if "check" in cell_tags:
-            check_count += 1
-            cell.execution_count = check_count  # nbval skips comparing a cell whose count is None
+            cid = check_id(cell)
+            if cid in seen_ids:
+                raise ValueError(f"{solution.name}: two check cells have check_id {cid!r}; ids must be unique")
+            seen_ids.add(cid)
             run = by_id[cell.id]
             errors = [o for o in run.outputs if o.get("output_type") == "error"]
             if errors:
@@ -100,9 +100,15 @@ def exercise_from_solution(solution: Path, executed: nbformat.NotebookNode | Non
         else:
             cell.outputs = []
             if "answer" in cell_tags:
+                names = sorted(defined_names(cell.source))
+                if not names:
+                    raise ValueError(f"{solution.name}: answer cell {cell.id} defines no function or variable; "
+                                     "the grader finds answers by the names they define")
+                cell.metadata.setdefault("course", {})["defines"] = names
                 cell.source = stub_source(cell.source)
             if "nbval-ignore-output" not in cell_tags:
                 cell.metadata["tags"] = cell_tags + ["nbval-ignore-output"]
+    number_checks(source_nb.cells)  # nbval skips comparing a cell whose count is None
     source_nb.metadata.setdefault("course", {})["exercise_id"] = solution.stem
     return source_nb
 

@@ -1,8 +1,10 @@
 """Grade a whole class: find submissions, grade them N at a time, write the gradebook as they finish.
 
 Layout read: ``SUBMISSIONS_DIR/<student>/<exercise>.ipynb`` (the folder name is the student id;
-a notebook is matched to an exercise by its file name, else by ``course.exercise_id`` in its
-metadata). Layout written: ``OUT_DIR/gradebook.csv`` and ``OUT_DIR/feedback/<student>/<exercise>.md``.
+a notebook is matched to an exercise by its file name, ``<exercise> (1).ipynb`` included, else by
+``course.exercise_id`` in its metadata; of several copies of one exercise the newest is graded
+and the feedback names the others). Layout written: ``OUT_DIR/gradebook.csv`` (one column per
+check, named by its stable ``check_id``) and ``OUT_DIR/feedback/<student>/<exercise>.md``.
 
 Each row is appended (and flushed) when its submission finishes, so an interrupted run loses
 nothing; a re-run keeps the rows whose status is ``graded`` and whose file is unchanged, and
@@ -14,25 +16,23 @@ import csv
 import hashlib
 import json
 import os
+import re
+import secrets
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .grader import (DEFAULT_CELL_TIMEOUT_S, DEFAULT_TIMEOUT_S, EXERCISES_DIR, CheckResult, SubmissionResult,
-                     _fmt_points, exercise_checks, exercise_id, feedback_markdown, grade_notebook, kill_all_running,
-                     load_exercise)
+from .feedback import feedback_markdown
+from .feedback import fmt_points as _fmt_points
+from .grader import DEFAULT_CELL_TIMEOUT_S, DEFAULT_TIMEOUT_S, EXERCISES_DIR, CheckResult, SubmissionResult, grade_notebook
+from .reference import Exercise, default_solutions_dir, load_exercise
+from .runner import kill_all_running
+from .sandbox import default_memory_limit
 
 BASE_COLUMNS = ["student", "exercise", "points", "max_points", "status"]
 STATE_FILE = ".submission_hashes.json"   # which file each graded row came from (resubmissions are regraded)
-
-
-@dataclass
-class Exercise:
-    name: str
-    path: Path
-    checks: list
 
 
 @dataclass
@@ -45,22 +45,23 @@ class ClassReport:
     seconds: float = 0.0
 
 
-def load_exercises(exercises_dir: Path = EXERCISES_DIR) -> dict[str, Exercise]:
-    """Every built exercise in ``exercises_dir`` by exercise id."""
+def load_exercises(exercises_dir: Path = EXERCISES_DIR, solutions_dir: Path | None = None) -> dict[str, Exercise]:
+    """Every built exercise in ``exercises_dir`` by exercise id, with its probes and solution."""
     exercises_dir = Path(exercises_dir)
     if not exercises_dir.is_dir():
         raise FileNotFoundError(f"exercises folder {exercises_dir} does not exist; run `make exercises` first")
+    solutions_dir = Path(solutions_dir) if solutions_dir else default_solutions_dir(exercises_dir)
     found = {}
     for path in sorted(exercises_dir.glob("*.ipynb")):
-        nb = load_exercise(path)
-        found[exercise_id(nb, path)] = Exercise(exercise_id(nb, path), path, exercise_checks(nb))
+        ex = load_exercise(path, solutions_dir)
+        found[ex.name] = ex
     if not found:
         raise FileNotFoundError(f"no exercise notebooks in {exercises_dir}; run `make exercises` first")
     return found
 
 
-def check_column(exercise: str, check_name: str) -> str:
-    return f"{exercise}: {check_name}"
+def check_column(exercise: str, check_id: str) -> str:
+    return f"{exercise}: {check_id}"
 
 
 def _claimed_exercise(path: Path) -> str | None:
@@ -71,24 +72,49 @@ def _claimed_exercise(path: Path) -> str | None:
         return None
 
 
-def find_submissions(submissions_dir: Path, exercises: dict[str, Exercise]) -> dict[str, dict[str, Path]]:
-    """``{student: {exercise: notebook}}`` for every student folder (empty dict: nothing submitted)."""
+_COPY = re.compile(r"^(?P<stem>.*?)\s*\((?P<n>\d+)\)$")
+
+
+def _exercise_of(nb: Path, exercises) -> str | None:
+    stem = _COPY.match(nb.stem)["stem"] if _COPY.match(nb.stem) else nb.stem
+    if stem in exercises:
+        return stem
+    claimed = _claimed_exercise(nb)
+    return claimed if claimed in exercises else None
+
+
+def _newest_first(path: Path):
+    m = _COPY.match(path.stem)
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        mtime = 0.0
+    return (-mtime, -(int(m["n"]) if m else 0), len(path.parts), str(path))
+
+
+def find_submissions(submissions_dir: Path, exercises) -> tuple[dict[str, dict[str, Path]], dict]:
+    """``({student: {exercise: notebook}}, {(student, exercise): [ignored copies]})``.
+
+    Of several notebooks for one exercise in a student's folder (a draft and a newer
+    ``(1)`` copy), the most recently modified is graded; the others are returned as ignored.
+    """
     by_student: dict[str, dict[str, Path]] = {}
+    ignored: dict[tuple[str, str], list[Path]] = {}
     for folder in sorted(p for p in Path(submissions_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        notebooks = sorted((p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts),
-                           key=lambda p: (len(p.parts), str(p)))
-        matched: dict[str, Path] = {}
-        for nb in notebooks:                       # by file name first
-            if nb.stem in exercises and nb.stem not in matched:
-                matched[nb.stem] = nb
-        for nb in notebooks:                       # then renamed copies, by metadata
-            if nb in matched.values():
-                continue
-            claimed = _claimed_exercise(nb)
-            if claimed in exercises and claimed not in matched:
-                matched[claimed] = nb
+        notebooks = [p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts]
+        candidates: dict[str, list[Path]] = {}
+        for nb in notebooks:
+            name = _exercise_of(nb, exercises)
+            if name is not None:
+                candidates.setdefault(name, []).append(nb)
+        matched = {}
+        for name, paths in candidates.items():
+            paths.sort(key=_newest_first)
+            matched[name] = paths[0]
+            if len(paths) > 1:
+                ignored[(folder.name, name)] = paths[1:]
         by_student[folder.name] = matched
-    return by_student
+    return by_student, ignored
 
 
 def _sha256(path: Path) -> str:
@@ -159,7 +185,7 @@ def result_row(result: SubmissionResult) -> dict:
     row = {"student": result.student, "exercise": result.exercise, "points": _fmt_points(result.points),
            "max_points": _fmt_points(result.max_points), "status": result.status}
     for cr in result.checks:
-        row[check_column(result.exercise, cr.check.name)] = _fmt_points(cr.points)
+        row[check_column(result.exercise, cr.check.check_id)] = _fmt_points(cr.points)
     return row
 
 
@@ -172,11 +198,15 @@ def write_feedback(out_dir: Path, result: SubmissionResult) -> Path:
 
 def grade_class(submissions_dir: Path, out_dir: Path, *, exercises_dir: Path = EXERCISES_DIR, jobs: int = 1,
                 timeout_s: float = DEFAULT_TIMEOUT_S, cell_timeout_s: float = DEFAULT_CELL_TIMEOUT_S,
-                force: bool = False, only: list[str] | None = None, log=sys.stdout) -> ClassReport:
+                force: bool = False, only: list[str] | None = None, log=sys.stdout,
+                solutions_dir: Path | None = None, memory_bytes: int | None = None, sandbox: bool = True,
+                seed: int | None = None) -> ClassReport:
     """Grade every student's submissions; returns counts and what could not be graded.
 
     The exercises graded are ``only`` if given, else every exercise at least one student
-    submitted; a student without that notebook gets a ``missing`` row.
+    submitted; a student without that notebook gets a ``missing`` row. One secret seed is
+    drawn per run (``seed`` fixes it, for tests); ``memory_bytes`` defaults to half the RAM
+    divided by ``jobs``.
     """
     start = time.monotonic()
     submissions_dir, out_dir = Path(submissions_dir), Path(out_dir)
@@ -186,19 +216,21 @@ def grade_class(submissions_dir: Path, out_dir: Path, *, exercises_dir: Path = E
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
     if timeout_s <= 0 or cell_timeout_s <= 0:
         raise ValueError("time limits must be positive numbers of seconds")
-    exercises = load_exercises(exercises_dir)
+    exercises = load_exercises(exercises_dir, solutions_dir)
+    seed = secrets.randbits(62) if seed is None else seed
+    memory_bytes = memory_bytes or default_memory_limit(jobs)
     if only:
         unknown = sorted(set(only) - set(exercises))
         if unknown:
             raise ValueError(f"unknown exercise(s) {unknown}; known: {sorted(exercises)}")
-    by_student = find_submissions(submissions_dir, exercises)
+    by_student, ignored = find_submissions(submissions_dir, exercises)
     if not by_student:
         raise FileNotFoundError(f"{submissions_dir} holds no student folders (expected one folder per student)")
     graded_names = sorted(only) if only else sorted({e for subs in by_student.values() for e in subs})
     if not graded_names:
         raise FileNotFoundError(f"no notebook in {submissions_dir} matches an exercise in {exercises_dir} "
                                 f"({', '.join(sorted(exercises))})")
-    columns = BASE_COLUMNS + [check_column(e, c.name) for e in graded_names for c in exercises[e].checks]
+    columns = BASE_COLUMNS + [check_column(e, c.check_id) for e in graded_names for c in exercises[e].checks]
     book = Gradebook(out_dir, columns)
     report = ClassReport()
     todo, keep = [], set()
@@ -236,19 +268,26 @@ def grade_class(submissions_dir: Path, out_dir: Path, *, exercises_dir: Path = E
             record(missing, None)
         else:
             runnable.append((student, name, path, digest))
+    hide = [submissions_dir, out_dir]
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        futures = {pool.submit(grade_notebook, path, exercises[name].path, student=student, timeout_s=timeout_s,
-                               cell_timeout_s=cell_timeout_s): (student, name, digest)
+        futures = {pool.submit(grade_notebook, path, exercises[name], student=student, timeout_s=timeout_s,
+                               cell_timeout_s=cell_timeout_s, seed=seed, memory_bytes=memory_bytes, sandbox=sandbox,
+                               hide=hide): (student, name, path, digest)
                    for student, name, path, digest in runnable}
         for future in as_completed(futures):
-            student, name, digest = futures[future]
+            student, name, path, digest = futures[future]
             try:
                 result = future.result()
             except Exception as exc:  # a grader bug on one file must not stop the class
                 result = SubmissionResult(student, name, "error",
                                           [CheckResult(c, passed=False, note="not run") for c in exercises[name].checks],
                                           [f"the grader failed on this file: {type(exc).__name__}: {exc}"])
+            others = ignored.get((student, name))
+            if others:
+                rel = lambda p: str(p.relative_to(submissions_dir / student))  # noqa: E731
+                result.notes.insert(0, f"graded `{rel(path)}`, the newest of your copies of {name}; ignored: "
+                                    + ", ".join(f"`{rel(p)}`" for p in others))
             record(result, digest)
     except BaseException:  # Ctrl-C: stop the running kernels; the rows written so far stay
         pool.shutdown(wait=False, cancel_futures=True)

@@ -11,22 +11,28 @@ notebook it assembled (reference exercise + the student's answer cells). This pl
 * enforces the per-cell limit and the whole-notebook limit by *killing* the kernel process
   (nbval only interrupts it, which a ``while True: try/except`` loop can swallow);
 * notices a kernel that died (``os._exit``, ``os.kill``, out of memory) at once instead of
-  waiting for the cell limit.
+  waiting for the cell limit;
+* caps what one cell may print, on the messages received from the kernel (so the kernel cannot
+  switch it off): ``OUTPUT_CAP_CHARS`` per cell, more for the grader's hidden probe cells.
 
-It holds no grading logic: points are decided by the grader from these records.
+It holds no grading logic: points are decided by the grader, from the probe values in these
+records, which the kernel cannot forge.
 """
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from queue import Empty
 
-import psutil
 import pytest
 from nbval import kernel as nbval_kernel
 from nbval import plugin as nbval_plugin
+
+from ..process_tree import kill_tree
+
+OUTPUT_CAP_CHARS = 200_000          # per cell: check cells print a few lines
+PROBE_OUTPUT_CAP_CHARS = 8_000_000  # the hidden probe cells print the values of the answers
+_TRUNCATED = "\n[output truncated by the grader]\n"
 
 
 class KernelDied(RuntimeError):
@@ -45,18 +51,8 @@ def _kill_kernel(item) -> None:
     kernel = getattr(item.parent, "kernel", None)
     km = getattr(kernel, "km", None)
     pid = getattr(getattr(km, "provisioner", None), "pid", None)
-    if pid is None:
-        return
-    try:
-        victims = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
-    except psutil.Error:
-        victims = []
-    for proc in victims:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(victims, timeout=5)
+    if pid is not None:
+        kill_tree(pid)
 
 
 # --- nbval patches -------------------------------------------------------------------------
@@ -65,13 +61,45 @@ _original_get_message = nbval_kernel.RunningKernel.get_message
 _original_compare = nbval_plugin.IPyNbCell.compare_outputs
 
 
+class _Cap:
+    limit = OUTPUT_CAP_CHARS
+    used = 0
+    truncated = False
+
+
+def _cap(msg: dict) -> dict:
+    """Cut what a cell prints at the cap; drop large display data once the cap is reached."""
+    content = msg.get("content") if isinstance(msg, dict) else None
+    kind = msg.get("msg_type") if isinstance(msg, dict) else None
+    if not isinstance(content, dict):
+        return msg
+    if kind == "stream" and isinstance(content.get("text"), str):
+        text = content["text"]
+        room = _Cap.limit - _Cap.used
+        _Cap.used += len(text)
+        if len(text) > room:
+            content["text"] = text[:max(0, room)] + ("" if _Cap.truncated else _TRUNCATED)
+            _Cap.truncated = True
+    elif kind in ("display_data", "execute_result", "update_display_data") and isinstance(content.get("data"), dict):
+        size = sum(len(str(v)) for v in content["data"].values())
+        _Cap.used += size
+        if _Cap.used > _Cap.limit:
+            content["data"] = {"text/plain": "" if _Cap.truncated else _TRUNCATED}
+            _Cap.truncated = True
+    elif kind == "error":
+        content["traceback"] = [str(t)[:4000] for t in (content.get("traceback") or [])[:60]]
+        content["evalue"] = str(content.get("evalue", ""))[:4000]
+    return msg
+
+
 def _get_message(self, stream, timeout=None):
     """nbval's blocking read, in half-second slices so a dead kernel is noticed at once."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         step = 0.5 if deadline is None else max(0.0, min(0.5, deadline - time.monotonic()))
         try:
-            return _original_get_message(self, stream, timeout=step)
+            msg = _original_get_message(self, stream, timeout=step)
+            return _cap(msg) if stream == "iopub" else msg
         except Empty:
             if not self.is_alive():
                 raise KernelDied("the kernel process died while running this cell "
@@ -131,6 +159,8 @@ def pytest_runtest_setup(item) -> None:
     if left <= 0:
         _recorder.notebook_timed_out = True
         _kill_kernel(item)
+    probe = isinstance(item.cell.get("metadata", {}).get("grading_probe"), list)
+    _Cap.limit, _Cap.used, _Cap.truncated = (PROBE_OUTPUT_CAP_CHARS if probe else OUTPUT_CAP_CHARS), 0, False
     cell_limit = float(item.config.getoption("nbval_cell_timeout"))
     item._grading_cell_limit = cell_limit
     item.config.option.nbval_cell_timeout = max(0.1, min(cell_limit, left))

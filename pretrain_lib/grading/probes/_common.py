@@ -1,0 +1,41 @@
+# Prepended to every probe module (they are run as text: in the kernel, in the trusted
+# reference process and, for the judges, in the grading process). Judges see only JSON values.
+import math as _math
+
+
+def values(v):
+    """The numbers of a JSON-encoded tensor/array, or the value itself."""
+    return v["values"] if isinstance(v, dict) and "values" in v else v
+
+
+def flat(v):
+    v = values(v)
+    if isinstance(v, list):
+        return [x for item in v for x in flat(item)]
+    return [v]
+
+
+def close(student, reference, rtol=1e-6, atol=1e-9):
+    """(ok, message): every number within tolerance, same structure."""
+    a, b = flat(student), flat(reference)
+    if len(a) != len(b):
+        return False, f"returned {len(a)} numbers where {len(b)} were expected"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if isinstance(y, (int, float)) and not isinstance(y, bool):
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not _math.isfinite(x) \
+                    or abs(x - y) > atol + rtol * abs(y):
+                return False, f"value {i}: got {str(x)[:20]}, expected {y:.6g}"
+        elif x != y:
+            return False, f"value {i}: got {str(x)[:40]}, expected {str(y)[:40]}"
+    return True, ""
+
+
+def equal(student, reference, seed=None):
+    if student == reference:
+        return True, ""
+    return False, f"got {str(student)[:120]}, expected {str(reference)[:120]}"
+
+
+def rng(seed, salt):
+    import numpy as np
+    return np.random.default_rng([int(seed), int(salt)])
