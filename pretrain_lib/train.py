@@ -65,9 +65,10 @@ class StepResult(tuple):
     """``(loss, grad_norm)`` as 0-d tensors (unpacks as a pair); ``.n_targets`` is the window's
     target-token count, also a tensor. Nothing has been read on the host."""
 
-    def __new__(cls, loss: torch.Tensor, grad_norm: torch.Tensor, n_targets: torch.Tensor):
+    def __new__(cls, loss: torch.Tensor, grad_norm: torch.Tensor, n_targets: torch.Tensor, skipped: bool = False):
         self = super().__new__(cls, (loss, grad_norm))
         self.n_targets = n_targets
+        self.skipped = skipped  # True when skip_nonfinite found a NaN/inf and did not step
         return self
 
     @property
@@ -131,7 +132,8 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], objective: Obje
                optimizer: torch.optim.Optimizer, *, grad_clip: float | None = None,
                autocast: torch.dtype | None = None, no_sync: Callable[[], Any] | None = None,
                dp_group: dist.ProcessGroup | bool | None = None, scaler: torch.amp.GradScaler | None = None,
-               forward_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None) -> StepResult:
+               forward_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+               skip_nonfinite: bool = False) -> StepResult:
     """One optimiser step over one or more micro-batches; returns ``StepResult(loss, grad_norm)``.
 
     The window's loss is normalised by its number of target tokens (not by the number of
@@ -142,6 +144,8 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], objective: Obje
     whole global batch. ``grad_norm`` is the global norm before clipping.
     ``forward_backward`` replaces the micro-batch loop (the pipeline schedule uses this); it
     must call backward on summed token losses and return ``(loss_sum, n_targets)``.
+    ``skip_nonfinite=True`` leaves the weights and optimiser state untouched when the loss or
+    the gradient norm is NaN/inf (a poisoned batch); deciding that costs one host read per step.
     """
     if len(micro_batches) == 0:
         raise ValueError("train_step needs at least one micro-batch")
@@ -165,8 +169,11 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], objective: Obje
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     else:
         grad_norm = global_grad_norm(params)
+    if skip_nonfinite and scaler is None and not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss_sum / n_safe, grad_norm, n_total, skipped=True)
     if scaler is not None:
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # skips the step itself when the scaled gradient overflowed
         scaler.update()
     else:
         optimizer.step()
@@ -189,11 +196,15 @@ class TrainConfig:
     dtype: str = "fp32"               # "fp32" | "bf16" | "fp16" (fp16: CUDA only, with a GradScaler)
     compile: bool | None = None       # None: on for CUDA, off on the CPU (40–90 s to compile for ~1.07×)
     log_every: int = 10               # read losses back to the host every this many steps
+    max_nonfinite_steps: int = 0      # >0: skip up to this many NaN/inf steps in a row, then stop (1 read/step)
     eval_every: int | None = None
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 0:
+            raise ValueError(f"TrainConfig.max_nonfinite_steps must be a non-negative integer, "
+                             f"got {self.max_nonfinite_steps!r}")
         for name in ("steps", "grad_accum_steps", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -219,6 +230,7 @@ class TrainHistory:
     input_tokens: list[int] = field(default_factory=list)     # tokens fed to the model, per step
     eval_steps: list[int] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)   # steps whose update was skipped (NaN/inf)
     seconds: float = 0.0
 
     def final_loss(self, last: int = 10) -> float:
@@ -249,6 +261,7 @@ class TrainState:
     tokens_seen: int = 0
     data_seconds: float = 0.0          # host time spent waiting for batches since the start
     metrics: dict = field(default_factory=dict)
+    nonfinite_in_a_row: int = 0
     stop: bool = False
 
 
@@ -361,9 +374,20 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
 
         result = train_step(forward_model, micro, objective, opt, grad_clip=config.grad_clip,
                             autocast=amp_dtype, scaler=scaler,
-                            dp_group=dp_group if dp_group is not None else hasattr(model, "no_sync"))
+                            dp_group=dp_group if dp_group is not None else hasattr(model, "no_sync"),
+                            skip_nonfinite=config.max_nonfinite_steps > 0)
         pending.append(result)
         state.step, state.last = step + 1, result
+        if result.skipped:
+            history.skipped_steps.append(step)
+            state.nonfinite_in_a_row += 1
+            if state.nonfinite_in_a_row > config.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{state.nonfinite_in_a_row} non-finite steps in a row (the last at step {step}, limit "
+                    f"max_nonfinite_steps={config.max_nonfinite_steps}); the weights are those before the "
+                    "first of them. Lower the learning rate or inspect those batches")
+        else:
+            state.nonfinite_in_a_row = 0
 
         if len(pending) == config.log_every or step + 1 == config.steps:
             _read_back(pending, history, step + 1 - len(pending))
@@ -400,8 +424,8 @@ def _read_back(pending: list[StepResult], history: TrainHistory, first_step: int
     """Copy the pending steps' loss, norm and token count to the host in one transfer."""
     values = torch.stack([torch.stack([r.loss.float(), r.grad_norm.float().to(r.loss.device),
                                        r.n_targets.float()]) for r in pending]).cpu().tolist()
-    for offset, (loss, norm, n) in enumerate(values):
-        if not math.isfinite(loss):
+    for offset, ((loss, norm, n), result) in enumerate(zip(values, pending)):
+        if not math.isfinite(loss) and not result.skipped:
             raise FloatingPointError(f"loss became {loss} at step {first_step + offset}; lower the learning "
                                      "rate, add warmup, or check that batch for bad values")
         history.losses.append(loss)

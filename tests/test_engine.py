@@ -272,3 +272,34 @@ def test_cuda_engine_bf16_and_compile():
     history = train(model, lambda i: {"input_ids": data[:32 * 8].view(8, 32)}, clm_objective, steps=30,
                     lr=3e-3, dtype="bf16", compile=True, device="cuda", progress=False)
     assert history.losses[-1] < history.losses[0]
+
+
+def test_poisoned_batch_is_skipped_and_weights_unchanged():
+    model = _gpt()
+    snapshots = {}
+
+    class Snapshot:
+        def on_step(self, state):
+            snapshots[state.step] = _weights(state.model).clone()
+
+    def next_batch(i):
+        return {"input_ids": torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(i)),
+                "poison": torch.tensor(float("nan") if i == 3 else 1.0)}
+
+    def objective(m, batch):
+        loss, n = clm_objective(m, batch)
+        return loss * batch["poison"], n
+
+    history = train(model, next_batch, objective, steps=6, log_every=3, max_nonfinite_steps=2,
+                    callbacks=[Snapshot()], device="cpu", progress=False)
+    assert history.skipped_steps == [3]
+    assert torch.equal(snapshots[3], snapshots[4])          # step 3 (0-based) left the weights alone
+    assert not torch.equal(snapshots[4], snapshots[5])      # and training went on
+    assert math.isnan(history.losses[3]) and all(math.isfinite(x) for i, x in enumerate(history.losses) if i != 3)
+
+    def always_nan(m, batch):
+        loss, n = clm_objective(m, batch)
+        return loss * float("nan"), n
+
+    with pytest.raises(FloatingPointError, match="3 non-finite steps in a row"):
+        train(_gpt(), next_batch, always_nan, steps=6, max_nonfinite_steps=2, device="cpu", progress=False)
