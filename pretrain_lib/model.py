@@ -13,6 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model_options import (MLPS, NORMS, POSITIONS, GatedMLP, ReLU2MLP, apply_rope, make_norm,
+                            prefix_attention_mask, rope_tables, swiglu_hidden)
+
 
 @dataclass
 class ModelConfig:
@@ -24,14 +27,22 @@ class ModelConfig:
     max_seq_len: int = 256
     dropout: float = 0.0
     causal: bool = True
+    # Speed-run options (chapter 8.2, pretrain_lib.model_options); the defaults are the course GPT.
+    norm: str = "layernorm"       # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"             # "gelu" | "swiglu" (gated) | "relu2" (squared ReLU)
+    position: str = "learned"     # "learned" (a table of positions) | "rope" (rotary, no table)
+    qk_norm: bool = False         # RMS-normalise queries and keys per head
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("position", POSITIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.d_ff is None:  # SwiGLU's three matrices get the parameters of a 4·d GELU MLP
+            self.d_ff = swiglu_hidden(self.d_model) if self.mlp == "swiglu" else 4 * self.d_model
         if not isinstance(self.d_ff, int) or self.d_ff <= 0:
             raise ValueError(f"ModelConfig.d_ff must be a positive integer, got {self.d_ff!r}")
         if self.d_model % self.n_heads != 0:
@@ -39,6 +50,8 @@ class ModelConfig:
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: each head gets "
                 f"d_model / n_heads dimensions; pick n_heads among the divisors of {self.d_model}"
             )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"position='rope' rotates pairs of channels: head_dim={self.head_dim} must be even")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -68,19 +81,36 @@ class SelfAttention(nn.Module):
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
+        self.rope = config.position == "rope"
+        if config.qk_norm:
+            self.q_norm, self.k_norm = make_norm("rmsnorm", config.head_dim), make_norm("rmsnorm", config.head_dim)
+        else:
+            self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: ``(batch, seq, d_model)``; key_padding_mask: ``(batch, seq)`` bool, True = real token."""
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+        """x: ``(batch, seq, d_model)``; key_padding_mask: ``(batch, seq)`` bool, True = real token;
+        prefix_len: ``(batch,)``, a causal model attends bidirectionally over that many first tokens."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         # (batch, heads, seq, head_dim)
         q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope:
+            cos, sin = rope_tables(t, d // self.n_heads, device=x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn_mask = None
+        if prefix_len is not None and self.causal:
+            attn_mask = prefix_attention_mask(t, prefix_len.to(x.device))
         if key_padding_mask is not None:
-            attn_mask = key_padding_mask[:, None, None, :].to(torch.bool)
-            if self.causal:
-                causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-                attn_mask = attn_mask & causal
+            padding = key_padding_mask[:, None, None, :].to(torch.bool)
+            if attn_mask is not None:
+                attn_mask = attn_mask & padding
+            elif self.causal:
+                attn_mask = padding & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            else:
+                attn_mask = padding
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attn_mask,
@@ -91,6 +121,8 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """``down(gelu(up(x)))``: the course GPT's MLP (``mlp="gelu"``)."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.up = nn.Linear(config.d_model, config.d_ff)
@@ -105,30 +137,34 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.d_model)
+        self.ln1 = make_norm(config.norm, config.d_model)
         self.attn = SelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.d_model)
-        self.mlp = MLP(config)
+        self.ln2 = make_norm(config.norm, config.d_model)
+        mlp_class = {"gelu": MLP, "swiglu": GatedMLP, "relu2": ReLU2MLP}[config.mlp]
+        self.mlp = MLP(config) if config.mlp == "gelu" else mlp_class(config.d_model, config.d_ff)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), key_padding_mask))
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), key_padding_mask, prefix_len))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
 class TransformerBackbone(nn.Module):
-    """Token + learned position embeddings, ``n_layers`` blocks, a final LayerNorm."""
+    """Token + learned position embeddings (none with rotary), ``n_layers`` blocks, a final norm."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
+        # Rotary embeddings put the position into attention itself: no table to learn.
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.position == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.ln_f = nn.LayerNorm(config.d_model)
+        self.ln_f = make_norm(config.norm, config.d_model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         t = input_ids.size(1)
@@ -139,10 +175,12 @@ class TransformerBackbone(nn.Module):
         # the engine checks each batch's host copy before moving it (train._to_device).
         if not torch.compiler.is_compiling():
             check_token_ids(input_ids, self.config.vocab_size)
-        pos = torch.arange(t, device=input_ids.device)
-        x = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(t, device=input_ids.device))
+        x = self.drop(x)
         for block in self.blocks:
-            x = block(x, attention_mask)
+            x = block(x, attention_mask, prefix_len)
         return self.ln_f(x)
 
 
@@ -168,21 +206,27 @@ class _LanguageModel(nn.Module):
         token and position embeddings, the count Kaplan et al. and Chinchilla use."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.backbone.tok_emb.weight.numel() + self.backbone.pos_emb.weight.numel()
+            n -= self.backbone.tok_emb.weight.numel()
+            if self.backbone.pos_emb is not None:
+                n -= self.backbone.pos_emb.weight.numel()
         return n
+
+    def matmul_params(self) -> int:
+        """The N of C ≈ 6 N D: every weight that takes part in a matrix multiply, i.e. the
+        non-embedding parameters plus the (tied) output projection onto the vocabulary.
+        Position embeddings are a lookup, not a multiply, so they are left out."""
+        return self.num_params(non_embedding=True) + self.config.vocab_size * self.config.d_model
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 N plus the attention scores.
 
-        N counts every matrix multiply's weights (non-embedding parameters plus the output
-        projection onto the vocabulary); each multiply-add is 2 FLOPs forward and 4
-        backward. The attention term, 6 · 2 · n_layers · seq_len · d_model, covers QKᵀ and
-        the weighted sum of V, which have no parameters (Hoffmann et al., 2022, Appendix F).
+        N is :meth:`matmul_params`; each multiply-add is 2 FLOPs forward and 4 backward.
+        The attention term, 6 · 2 · n_layers · seq_len · d_model, covers QKᵀ and the
+        weighted sum of V, which have no parameters (Hoffmann et al., 2022, Appendix F).
         """
         c = self.config
         t = c.max_seq_len if seq_len is None else seq_len
-        n_matmul = self.num_params(non_embedding=True) + c.vocab_size * c.d_model
-        return 6.0 * n_matmul + 12.0 * c.n_layers * t * c.d_model
+        return 6.0 * self.matmul_params() + 12.0 * c.n_layers * t * c.d_model
 
 
 class GPT(_LanguageModel):
@@ -196,8 +240,11 @@ class GPT(_LanguageModel):
         self.backbone = TransformerBackbone(config)
         _init_weights(self, config.n_layers)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.backbone(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+        """``prefix_len`` ``(batch,)`` (prefix LM): the first ``prefix_len`` tokens of each row
+        attend to each other in both directions; None (the default) is a plain causal decoder."""
+        h = self.backbone(input_ids, attention_mask, prefix_len)
         return h @ self.backbone.tok_emb.weight.T  # tied embeddings
 
     @torch.no_grad()

@@ -1,11 +1,13 @@
-"""Pretraining objectives: dynamic MLM masking (80/10/10), the MLM loss and the CLM loss.
+"""Pretraining objectives: dynamic MLM masking (80/10/10), the MLM and CLM losses, and the mixed
+objectives of later models (T5 span corruption, prefix LM, a UL2-style mixture of denoisers).
 
 Shapes: ``input_ids`` and ``labels`` are ``(batch, seq)`` integer tensors, ``logits`` are
 ``(batch, seq, vocab)``. Positions whose label is ``-100`` give no learning signal.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import random
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -113,3 +115,184 @@ def clm_loss(logits: torch.Tensor, input_ids: torch.Tensor, *, ignore_index: int
     if input_ids.size(1) < 2:
         raise ValueError("clm_loss needs sequences of at least 2 tokens (one input, one target)")
     return _cross_entropy_over_labels(logits[:, :-1, :], input_ids[:, 1:], ignore_index)
+
+
+# ----------------------------------------------------------------------------- mixed objectives
+# Span corruption (T5), prefix LM and a UL2-style mixture, all trained on the course's causal
+# GPT: the corrupted input (or the prefix) is read bidirectionally through the model's prefix
+# attention mask, and the loss covers only what follows it. Each returns a dict with
+# ``input_ids``, ``labels`` (-100 where no loss is taken, aligned so that ``clm_loss`` shifts them)
+# and ``prefix_len`` ``(batch,)``. Random draws come from a CPU generator, so a seed gives the
+# same corruption on any device, and nothing is read back from the device.
+
+def span_counts(length: int, *, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """T5's ``(n_noise_tokens, n_spans)`` for a window of ``length``: round(length · density)
+    noise tokens in round(n_noise / mean_span_length) spans (at least one of each, and at
+    least one token left clean)."""
+    if not 0.0 < noise_density < 1.0:
+        raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
+    if not mean_span_length >= 1.0:
+        raise ValueError(f"mean_span_length must be at least 1, got {mean_span_length}")
+    if length < 2:
+        raise ValueError(f"span corruption needs windows of at least 2 tokens, got {length}")
+    n_noise = min(max(1, round(length * noise_density)), length - 1)
+    n_spans = min(max(1, round(n_noise / mean_span_length)), n_noise, length - n_noise)
+    return n_noise, n_spans
+
+
+def _random_partition(n_items: int, n_parts: int, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``(batch, n_parts)`` positive lengths summing to ``n_items``, uniformly over the compositions."""
+    if n_parts == 1:
+        return torch.full((batch, 1), n_items, dtype=torch.long)
+    cuts = torch.rand(batch, n_items - 1, generator=generator).argsort(dim=1)[:, :n_parts - 1] + 1
+    edges = torch.cat([torch.zeros(batch, 1, dtype=torch.long), cuts.sort(dim=1).values,
+                       torch.full((batch, 1), n_items, dtype=torch.long)], dim=1)
+    return edges.diff(dim=1)
+
+
+def random_span_mask(batch: int, length: int, *, noise_density: float = 0.15, mean_span_length: float = 3.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(batch, length)`` bool, True on noise tokens: clean and noise spans alternate, starting
+    clean, every row with the same number of noise tokens and spans (T5's ``random_spans_noise_mask``)."""
+    n_noise, n_spans = span_counts(length, noise_density=noise_density, mean_span_length=mean_span_length)
+    noise_lengths = _random_partition(n_noise, n_spans, batch, generator)
+    clean_lengths = _random_partition(length - n_noise, n_spans, batch, generator)
+    ends = torch.stack([clean_lengths, noise_lengths], dim=2).reshape(batch, 2 * n_spans).cumsum(dim=1)
+    segment = torch.searchsorted(ends, torch.arange(length).expand(batch, length).contiguous(), right=True)
+    return segment % 2 == 1
+
+
+def _gather_kept(values: torch.Tensor, keep: torch.Tensor, n_keep: int) -> torch.Tensor:
+    # Stable sort puts the kept positions first, in order: a fixed-size gather instead of
+    # boolean indexing, which would make a GPU wait to learn the result's size.
+    order = (~keep).to(torch.int8).argsort(dim=1, stable=True)[:, :n_keep]
+    return values.gather(1, order)
+
+
+def corrupt_spans(input_ids: torch.Tensor, noise_mask: torch.Tensor, *, sentinel_ids: Sequence[int],
+                  n_noise: int, n_spans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each noise span by a sentinel in the input; the target lists each span after its sentinel.
+
+    ``[a b c d e f]`` with noise on ``c d`` and ``f`` gives input ``[a b S0 e S1]`` and target
+    ``[S0 c d S1 f]`` (T5 uses one sentinel per span, ``sentinel_ids[k % len]`` here). Every
+    row of ``noise_mask`` must hold ``n_noise`` noise tokens in ``n_spans`` spans, starting clean.
+    Returns ``(inputs (batch, seq − n_noise + n_spans), targets (batch, n_noise + n_spans))``.
+    """
+    _check_integer_ids("input_ids", input_ids)
+    if noise_mask.shape != input_ids.shape:
+        raise ValueError(f"noise_mask {tuple(noise_mask.shape)} and input_ids {tuple(input_ids.shape)} differ")
+    if not sentinel_ids:
+        raise ValueError("sentinel_ids is empty: span corruption needs at least one sentinel id")
+    noise = noise_mask.to(input_ids.device, torch.bool)
+    starts = torch.ones_like(noise)
+    starts[:, 1:] = noise[:, 1:] != noise[:, :-1]
+    span_index = starts.long().cumsum(dim=1).sub(1).div(2, rounding_mode="floor")  # clean span k, noise span k
+    sentinels = torch.tensor(list(sentinel_ids), device=input_ids.device)[span_index % len(sentinel_ids)]
+    inputs = _gather_kept(torch.where(noise & starts, sentinels, input_ids), ~noise | starts,
+                          input_ids.size(1) - n_noise + n_spans)
+    targets = _gather_kept(torch.where(~noise & starts, sentinels, input_ids), noise | starts, n_noise + n_spans)
+    return inputs, targets
+
+
+def span_corruption_source_length(seq_len: int, *, noise_density: float, mean_span_length: float) -> int:
+    """The longest source window whose corrupted input + [SEP] + target fits in ``seq_len``
+    (the sequence grows by two sentinels per span and the separator)."""
+    for source in range(seq_len - 1, 1, -1):
+        _, n_spans = span_counts(source, noise_density=noise_density, mean_span_length=mean_span_length)
+        if source + 2 * n_spans + 1 <= seq_len:
+            return source
+    raise ValueError(f"seq_len={seq_len} is too short for span corruption")
+
+
+def span_corruption_example(input_ids: torch.Tensor, *, sentinel_ids: Sequence[int], sep_id: int,
+                            noise_density: float = 0.15, mean_span_length: float = 3.0,
+                            generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """T5's span corruption as one decoder sequence: ``corrupted input [SEP] target``.
+
+    The input and separator form the prefix (read bidirectionally, like T5's encoder); the loss
+    is on the target only. ``input_ids`` ``(batch, seq)`` is the source window in full.
+    """
+    _check_integer_ids("input_ids", input_ids)
+    b, t = input_ids.shape
+    n_noise, n_spans = span_counts(t, noise_density=noise_density, mean_span_length=mean_span_length)
+    noise = random_span_mask(b, t, noise_density=noise_density, mean_span_length=mean_span_length,
+                             generator=generator)
+    inputs, targets = corrupt_spans(input_ids, noise, sentinel_ids=sentinel_ids, n_noise=n_noise, n_spans=n_spans)
+    sep = torch.full((b, 1), sep_id, dtype=input_ids.dtype, device=input_ids.device)
+    sequence = torch.cat([inputs, sep, targets], dim=1)
+    prefix = inputs.size(1) + 1
+    labels = sequence.clone()
+    labels[:, :prefix] = IGNORE_INDEX
+    return {"input_ids": sequence, "labels": labels,
+            "prefix_len": torch.full((b,), prefix, dtype=torch.long, device=input_ids.device)}
+
+
+def prefix_lm_example(input_ids: torch.Tensor, *, min_prefix: float = 0.25, max_prefix: float = 0.75,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Prefix LM: each row is split at a random point in ``[min_prefix, max_prefix] · seq``; the
+    prefix is read bidirectionally and the loss covers the tokens after it."""
+    _check_integer_ids("input_ids", input_ids)
+    if not 0.0 < min_prefix <= max_prefix < 1.0:
+        raise ValueError(f"need 0 < min_prefix <= max_prefix < 1, got {min_prefix}, {max_prefix}")
+    b, t = input_ids.shape
+    lo, hi = max(1, int(min_prefix * t)), max(1, int(max_prefix * t))
+    prefix_len = torch.randint(lo, hi + 1, (b,), generator=generator).to(input_ids.device)
+    labels = input_ids.masked_fill(torch.arange(t, device=input_ids.device)[None, :] < prefix_len[:, None],
+                                   IGNORE_INDEX)
+    return {"input_ids": input_ids, "labels": labels, "prefix_len": prefix_len}
+
+
+def prefix_lm_loss(model, example: dict[str, torch.Tensor],
+                   attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean loss, n targets)`` of a causal ``model`` on an example from the builders above."""
+    logits = model(example["input_ids"], attention_mask, prefix_len=example["prefix_len"])
+    labels = example["labels"]
+    return clm_loss(logits, labels), (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def span_corruption_objective(*, sentinel_ids: Sequence[int], sep_id: int, noise_density: float = 0.15,
+                              mean_span_length: float = 3.0, generator: torch.Generator | None = None):
+    """An engine objective: each window is cut to the longest source that, corrupted, still fits
+    in the window's length, so a step costs what a CLM step on the same batch costs."""
+    def objective(model, batch):
+        ids = batch["input_ids"]
+        source = span_corruption_source_length(ids.size(1), noise_density=noise_density,
+                                               mean_span_length=mean_span_length)
+        example = span_corruption_example(ids[:, :source], sentinel_ids=sentinel_ids, sep_id=sep_id,
+                                          noise_density=noise_density, mean_span_length=mean_span_length,
+                                          generator=generator)
+        return prefix_lm_loss(model, example)
+    return objective
+
+
+def prefix_lm_objective(*, min_prefix: float = 0.25, max_prefix: float = 0.75,
+                        generator: torch.Generator | None = None):
+    """An engine objective: prefix LM on each batch's windows, split afresh every time."""
+    def objective(model, batch):
+        example = prefix_lm_example(batch["input_ids"], min_prefix=min_prefix, max_prefix=max_prefix,
+                                    generator=generator)
+        return prefix_lm_loss(model, example, batch.get("attention_mask"))
+    return objective
+
+
+def ul2_objective(denoisers: dict[str, tuple[float, Callable]], *, seed: int = 0):
+    """A UL2-style mixture: each micro-batch goes to one denoiser, drawn with the given weights.
+
+    ``denoisers`` maps a name to ``(weight, objective)``, e.g. R (span corruption, short spans),
+    X (extreme: long spans or dense noise), S (prefix LM). The draw uses a seeded host RNG, so no
+    device value is read; ``objective.counts`` records how often each denoiser was used.
+    """
+    if not denoisers:
+        raise ValueError("ul2_objective needs at least one denoiser")
+    names = list(denoisers)
+    weights = [float(denoisers[n][0]) for n in names]
+    if min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"denoiser weights must be non-negative and not all zero, got {weights}")
+    rng = random.Random(seed)
+
+    def objective(model, batch):
+        name = rng.choices(names, weights=weights)[0]
+        objective.counts[name] += 1
+        return denoisers[name][1](model, batch)
+    objective.counts = {n: 0 for n in names}
+    return objective
