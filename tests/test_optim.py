@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pretrain_lib.model import GPT, MaskedLM, ModelConfig
-from pretrain_lib.objectives import IGNORE_INDEX, mask_tokens, mlm_loss
+from pretrain_lib.objectives import IGNORE_INDEX, mask_tokens
+from pretrain_lib.optim.accumulation import labelled_mlm_objective, per_micro_step_forward_backward
 from pretrain_lib.optim import (MuonWithAdamW, as_lr_lambda, build_optimizer, clip_grad_norm, cosine_lr,
                                 lr_range_test, muon_matrices, noam_lr, param_groups, wsd_lr)
 from pretrain_lib.train import clm_objective, train, train_step
@@ -205,21 +206,6 @@ def _masked_lm(seed=0):
     return MaskedLM(ModelConfig(vocab_size=40, d_model=32, n_heads=2, n_layers=2, max_seq_len=16, causal=False))
 
 
-def _premasked_objective(model, batch):
-    """MLM on masks drawn beforehand, so one big batch and its micro-batches see the same targets."""
-    loss = mlm_loss(model(batch["input_ids"]), batch["labels"])
-    return loss, (batch["labels"] != IGNORE_INDEX).sum()
-
-
-def _source_style_step(model, micro, opt):
-    """The source's GradientAccumulator: each micro-batch's *mean* loss divided by the number of micro-steps."""
-    opt.zero_grad(set_to_none=True)
-    for b in micro:
-        (_premasked_objective(model, b)[0] / len(micro)).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()  # a by-hand step, kept only to measure the source's mistake against the engine
-
-
 def _mlm_batch(step):
     g = torch.Generator().manual_seed(100 + step)
     ids = torch.randint(3, 40, (8, 16), generator=g)
@@ -237,11 +223,12 @@ def test_mlm_accumulation_equals_the_large_batch(split):
     counts = []
     for step in range(4):
         inputs, labels = _mlm_batch(step)
-        train_step(big, [{"input_ids": inputs, "labels": labels}], _premasked_objective, opts[0], grad_clip=1.0)
+        train_step(big, [{"input_ids": inputs, "labels": labels}], labelled_mlm_objective, opts[0], grad_clip=1.0)
         micro = [{"input_ids": x, "labels": y} for x, y in zip(inputs.split(split), labels.split(split))]
         counts.append([int((m["labels"] != IGNORE_INDEX).sum()) for m in micro])
-        train_step(acc, micro, _premasked_objective, opts[1], grad_clip=1.0)
-        _source_style_step(naive, micro, opts[2])
+        train_step(acc, micro, labelled_mlm_objective, opts[1], grad_clip=1.0)
+        train_step(naive, micro, labelled_mlm_objective, opts[2], grad_clip=1.0,
+                   forward_backward=per_micro_step_forward_backward)  # the source's division
     assert (_weights(big) - _weights(acc)).abs().max() < 1e-6
     if any(len(set(c)) > 1 for c in counts):  # unequal target counts: dividing by micro-steps must drift
         assert (_weights(big) - _weights(naive)).abs().max() > 1e-5
@@ -270,3 +257,15 @@ def test_lr_range_test_finds_a_learning_rate_between_the_extremes_and_leaves_the
         lr_range_test(model, next_batch, clm_objective, min_lr=1.0, max_lr=0.1)
     with pytest.raises(TypeError, match="lr_schedule"):
         lr_range_test(model, next_batch, clm_objective, lr_schedule=lambda s: 1.0)
+
+
+def test_per_micro_step_hook_is_the_mean_of_micro_batch_means():
+    model = _masked_lm()
+    inputs, labels = _mlm_batch(0)
+    micro = [{"input_ids": x, "labels": y} for x, y in zip(inputs.split([2, 6]), labels.split([2, 6]))]
+    loss, n = per_micro_step_forward_backward(model, micro, labelled_mlm_objective)
+    with torch.no_grad():
+        expected = sum(labelled_mlm_objective(model, b)[0] for b in micro) / 2
+    assert float(n) == 1.0 and float(loss) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="fp32"):
+        per_micro_step_forward_backward(model, micro, labelled_mlm_objective, autocast=torch.bfloat16)

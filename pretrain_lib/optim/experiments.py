@@ -1,0 +1,86 @@
+"""A small, seeded setup for comparing optimisation settings (chapter 5).
+
+Comparing two schedules or two optimisers is only fair when both runs see the same model
+initialisation, the same batches in the same order and the same validation windows. This
+module gives exactly that: Shakespeare tokens split into train and validation, batches that
+are a pure function of ``(seed, index)``, a fixed validation set, and the course GPT built
+from a seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..model import GPT, ModelConfig
+from ..objectives import clm_loss
+
+
+@dataclass
+class TokenData:
+    train: torch.Tensor       # 1-D int64 token stream
+    val: torch.Tensor         # 1-D int64, the held-out end of the text
+    vocab_size: int
+
+
+def shakespeare_tokens(max_chars: int = 300_000, vocab_size: int = 512, val_fraction: float = 0.1) -> TokenData:
+    """Byte-level BPE on the first ``max_chars`` characters of the plays; the last ``val_fraction`` held out."""
+    from ..data.corpus import shakespeare_text
+    from ..data.tokenizer import train_tokenizer
+
+    if not 0.0 < val_fraction < 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+    text = shakespeare_text(max_chars)
+    tokenizer = train_tokenizer([text], vocab_size=vocab_size)
+    ids = torch.tensor(tokenizer.encode(text).ids, dtype=torch.int64)
+    n_val = max(1, int(len(ids) * val_fraction))
+    return TokenData(train=ids[:-n_val], val=ids[-n_val:], vocab_size=tokenizer.get_vocab_size())
+
+
+def window_batches(tokens: torch.Tensor, *, batch_size: int, seq_len: int, seed: int = 0
+                   ) -> Callable[[int], dict[str, torch.Tensor]]:
+    """``next_batch(i)``: ``batch_size`` random windows of ``seq_len`` tokens, a pure function of
+    ``(seed, i)``, so two runs (or a rerun) see identical batches whatever else they do."""
+    if tokens.dim() != 1 or tokens.numel() <= seq_len:
+        raise ValueError(f"need a 1-D stream longer than seq_len={seq_len}, got shape {tuple(tokens.shape)}")
+    span = tokens.numel() - seq_len + 1
+    offsets = torch.arange(seq_len)
+
+    def next_batch(i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        starts = torch.randint(span, (batch_size,), generator=g)
+        return {"input_ids": tokens[starts[:, None] + offsets]}
+
+    return next_batch
+
+
+def validation_loss_fn(tokens: torch.Tensor, *, seq_len: int, n_windows: int = 32, batch_size: int = 16
+                       ) -> Callable[[torch.nn.Module], float]:
+    """``eval_fn(model)``: the mean CLM loss (nats/token) on ``n_windows`` evenly spaced, fixed windows."""
+    if tokens.numel() < seq_len:
+        raise ValueError(f"the validation stream ({tokens.numel()} tokens) is shorter than seq_len={seq_len}")
+    starts = torch.linspace(0, tokens.numel() - seq_len, n_windows).long()
+    windows = tokens[starts[:, None] + torch.arange(seq_len)]
+
+    @torch.no_grad()
+    def eval_fn(model: torch.nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        total = 0.0
+        for chunk in windows.split(batch_size):
+            chunk = chunk.to(device)
+            total += float(clm_loss(model(chunk), chunk)) * chunk.size(0)
+        model.train(was_training)
+        return total / windows.size(0)
+
+    return eval_fn
+
+
+def course_gpt(vocab_size: int, *, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, seq_len: int = 64,
+               seed: int = 0) -> GPT:
+    """The course GPT, initialised from ``seed`` (two calls with one seed give identical weights)."""
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, n_layers=n_layers,
+                           max_seq_len=seq_len))
