@@ -1,0 +1,22 @@
+"""Monitoring a pretraining run (chapter 6): a callback of the engine's ``train()``.
+
+    from pretrain_lib.monitor import Monitor, peak_flops, plot_run
+    monitor = Monitor("build/run.jsonl", tensorboard_dir="build/tb")
+    train(model, batches, clm_objective, steps=300, callbacks=[monitor])
+    plot_run("build/run.jsonl")
+
+Modules: ``core`` (the Monitor and its JSONL / TensorBoard sinks), ``norms`` (per-layer
+norms in one fused pass), ``detect`` (spike detector, sanity checks), ``peak`` (peak FLOP/s
+table and the measured probe, MFU), ``plot`` (dashboard and live view).
+"""
+from .core import Monitor, read_jsonl
+from .detect import (RollingZScore, check_initial_loss, check_overfits_one_batch, expected_initial_loss,
+                     rolling_spikes)
+from .norms import LayerIndex, grad_norms, layer_of
+from .peak import datasheet_peak, measure_peak_flops, mfu, peak_flops, peak_flops_info
+from .plot import LiveDashboard, plot_records, plot_run
+
+__all__ = ["Monitor", "read_jsonl", "RollingZScore", "rolling_spikes", "expected_initial_loss",
+           "check_initial_loss", "check_overfits_one_batch", "LayerIndex", "grad_norms", "layer_of",
+           "datasheet_peak", "measure_peak_flops", "mfu", "peak_flops", "peak_flops_info", "LiveDashboard",
+           "plot_records", "plot_run"]

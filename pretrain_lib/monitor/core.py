@@ -1,0 +1,380 @@
+"""``Monitor``: a callback of the engine's ``train()`` that records what a pretraining run needs watched.
+
+Per step it only queues tensors (the step's loss and gradient norm, and the per-layer
+gradient norms from one fused pass); every ``log_every`` steps it reads all of them back in
+**one** host transfer, runs the anomaly checks on every step of the window, and writes one
+JSON line (flushed, so ``tail -f`` and :func:`plot_run` can read a run in progress), plus
+TensorBoard scalars and a live notebook view when asked.
+
+Steps are counted as the engine's ``state.step``: the number of completed optimiser
+steps, so step 1 is the first update (``history.skipped_steps`` is 0-based: step s there is s+1 here).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .detect import RollingZScore
+from .norms import LayerIndex, fused_norms, grad_norms
+from .peak import mfu as compute_mfu
+from .peak import peak_flops_info
+
+STATE_VERSION = 1
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _jsonable(value: Any) -> Any:
+    """Strict JSON: NaN and inf become null (other readers reject Python's ``NaN``)."""
+    if isinstance(value, float):
+        return _finite_or_none(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _model_of(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+class Monitor:
+    """An engine callback: norms, update ratios, tokens/s, MFU, memory, data wait, anomalies.
+
+    ``jsonl_path``: one JSON line per logged step (None: keep records in memory only, in
+    ``.records``). ``log_every``: None follows ``TrainConfig.log_every``. ``spike_k`` and
+    ``spike_window``: a value above mean + k·σ of its last ``window`` values is a spike.
+    ``flops_per_token``: None asks the model (``model.flops_per_token(seq_len)``, the
+    library's one FLOP count). ``peak_flops``: None looks the device up
+    (:func:`pretrain_lib.monitor.peak_flops`; measured on the CPU).
+    ``.anomalies`` lists dicts with ``step``, ``kind``, ``value`` and ``layer`` where it applies.
+    """
+
+    def __init__(self, jsonl_path: str | Path | None = None, *, log_every: int | None = None,
+                 tensorboard_dir: str | Path | None = None, live: bool = False, spike_k: float = 6.0,
+                 spike_window: int = 128, progress: bool = False, flops_per_token: float | None = None,
+                 peak_flops: float | None = None, seq_len: int | None = None, spike_min_history: int = 16,
+                 vanish_ratio: float = 1e-4, warmup_steps: int = 1, smoothing: float = 0.9,
+                 update_ratios: bool = True, live_every: int = 1, live_figure: str = "monitor_dashboard"):
+        if log_every is not None and (not isinstance(log_every, int) or log_every <= 0):
+            raise ValueError(f"log_every must be a positive integer or None, got {log_every!r}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
+        if peak_flops is not None and not peak_flops > 0:
+            raise ValueError(f"peak_flops must be positive (FLOP/s) or None, got {peak_flops!r}")
+        if flops_per_token is not None and not flops_per_token > 0:
+            raise ValueError(f"flops_per_token must be positive or None, got {flops_per_token!r}")
+        self.jsonl_path = Path(jsonl_path) if jsonl_path is not None else None
+        self.log_every = log_every
+        self.tensorboard_dir = tensorboard_dir
+        self.live, self.live_every, self.live_figure = live, live_every, live_figure
+        self.progress = progress
+        self.flops_per_token, self.peak_flops, self.peak_source = flops_per_token, peak_flops, None
+        if peak_flops is not None:
+            self.peak_source = "given"
+        self.seq_len = seq_len
+        self.spike_k, self.spike_window, self.spike_min_history = spike_k, spike_window, spike_min_history
+        self.vanish_ratio, self.warmup_steps, self.smoothing = vanish_ratio, warmup_steps, smoothing
+        self.update_ratios = update_ratios
+        self.loss_spikes = RollingZScore(spike_k, spike_window, spike_min_history)
+        self.grad_spikes = RollingZScore(spike_k, spike_window, spike_min_history)
+        self.layer_spikes: dict[str, RollingZScore] = {}
+        self.records: list[dict] = []
+        self.anomalies: list[dict] = []
+        self._ema, self._ema_steps = 0.0, 0
+        self._vanishing: set[str] = set()
+        self._lr_dead = False
+        self._resumed = False
+        self._started = False
+        self._pending: list[tuple[int, float, Any, torch.Tensor | None]] = []
+        self._snapshot: list[torch.Tensor] | None = None
+        self._held: dict | None = None
+
+    # ------------------------------------------------------------------ engine hooks
+
+    def on_step(self, state) -> None:
+        if not self._started:
+            self._start(state)
+        self._write_held()
+        result = state.last
+        per_layer = None
+        if not result.skipped:
+            _, per_layer = grad_norms(self._index)
+            clip = state.config.grad_clip
+            if clip is not None:  # the grads in place are clipped: undo the clip factor for pre-clip norms
+                coef = torch.clamp(clip / (result.grad_norm.float().to(per_layer.device) + 1e-6), max=1.0)
+                per_layer = per_layer / coef
+        self._pending.append((state.step, float(state.lr), result, per_layer))
+        self._t_step_end = time.perf_counter()
+        if self._is_logged(state.config, state.step):
+            self._log(state)
+        elif self._window is None:  # the first window starts after the first step (warm-up left out)
+            self._window = (time.perf_counter(), state.tokens_seen, state.data_seconds)
+        if self.update_ratios and state.step < state.config.steps and self._is_logged(state.config, state.step + 1):
+            self._snapshot = [p.detach().clone() for p in self._index.params]
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def on_eval(self, state) -> None:
+        value = state.metrics.get("val_loss")
+        self._excluded += time.perf_counter() - self._t_step_end  # eval time is not training throughput
+        if self._held is not None and self._held["step"] == state.step:
+            self._held["val_loss"] = value
+            self._write_held()
+        else:
+            record = {"step": state.step, "val_loss": value}
+            self._emit(record)
+
+    def on_end(self, state) -> None:
+        if not self._started:
+            return
+        if self._pending:
+            self._log(state)
+        self._write_held()
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.live and self.records:
+            self._live.final(self.records, self.anomalies)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict:
+        """Everything the detectors and smoothing carry over, as plain JSON-able values."""
+        return {"version": STATE_VERSION, "loss_spikes": self.loss_spikes.state_dict(),
+                "grad_spikes": self.grad_spikes.state_dict(),
+                "layer_spikes": {k: v.state_dict() for k, v in self.layer_spikes.items()},
+                "ema": self._ema, "ema_steps": self._ema_steps, "vanishing": sorted(self._vanishing),
+                "lr_dead": self._lr_dead, "anomalies": [dict(a) for a in self.anomalies]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; the JSONL file is then appended to, not overwritten."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"monitor state version {state.get('version')!r} is not {STATE_VERSION}")
+        self.loss_spikes.load_state_dict(state["loss_spikes"])
+        self.grad_spikes.load_state_dict(state["grad_spikes"])
+        self.layer_spikes = {}
+        for name, s in state["layer_spikes"].items():
+            self.layer_spikes[name] = RollingZScore(self.spike_k, self.spike_window, self.spike_min_history)
+            self.layer_spikes[name].load_state_dict(s)
+        self._ema, self._ema_steps = float(state["ema"]), int(state["ema_steps"])
+        self._vanishing = set(state["vanishing"])
+        self._lr_dead = bool(state["lr_dead"])
+        self.anomalies = [dict(a) for a in state["anomalies"]]
+        self._resumed = True
+
+    # ------------------------------------------------------------------ internals
+
+    def _start(self, state) -> None:
+        self._started = True
+        model = _model_of(state.model)
+        self._index = LayerIndex(model)
+        self._device = self._index.params[0].device
+        if self.flops_per_token is None:
+            count = getattr(model, "flops_per_token", None)
+            if count is None:
+                warnings.warn("the model has no flops_per_token(seq_len) and none was given: MFU is not logged",
+                              stacklevel=3)
+            else:
+                self.flops_per_token = float(count(self.seq_len))
+        if self.peak_flops is None:
+            self.peak_flops, self.peak_source = peak_flops_info(self._device, state.config.dtype)
+        self._every = self.log_every or state.config.log_every
+        self._file = None
+        if self.jsonl_path is not None:
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.jsonl_path, "a" if self._resumed else "w", encoding="utf-8")
+        self._writer = None
+        if self.tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError("tensorboard_dir= needs TensorBoard: pip install -e '.[tensorboard]'") from exc
+            self._writer = SummaryWriter(str(self.tensorboard_dir))
+        self._bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=state.config.steps, initial=state.step - 1, desc="train", unit="step")
+        if self.live:
+            from .plot import LiveDashboard
+            self._live = LiveDashboard(every=self.live_every, figure_name=self.live_figure)
+        self._window = None
+        self._excluded = 0.0
+        self._t0 = time.perf_counter()
+        self._process = None
+
+    def _is_logged(self, config, step: int) -> bool:
+        if step % self._every == 0 or step == config.steps:
+            return True
+        return bool(config.eval_every) and step % config.eval_every == 0
+
+    def _read_window(self) -> tuple[list[float], list[float], list[list[float]], list[float]]:
+        """Everything the window's steps left on the device, in one host transfer."""
+        n_layers = len(self._index)
+        dev = self._device
+        losses = torch.stack([r.loss.float().to(dev) for _, _, r, _ in self._pending])
+        norms = torch.stack([r.grad_norm.float().to(dev) for _, _, r, _ in self._pending])
+        nan_row = torch.full((n_layers,), float("nan"), device=dev)
+        layers = torch.stack([p if p is not None else nan_row for _, _, _, p in self._pending])
+        parts = [losses, norms, layers.flatten()]
+        if self._snapshot is not None:
+            params = self._index.params
+            delta = fused_norms(torch._foreach_sub([p.detach() for p in params], self._snapshot),
+                                self._index.layer_ids, n_layers)
+            weight = fused_norms(self._snapshot, self._index.layer_ids, n_layers)
+            parts.append(delta / weight.clamp(min=1e-12))
+            self._snapshot = None
+        values = torch.cat(parts).cpu().tolist()  # the monitor's one host read of this window
+        k = len(self._pending)
+        layer_rows = [values[2 * k + i * n_layers: 2 * k + (i + 1) * n_layers] for i in range(k)]
+        ratios = values[2 * k + k * n_layers:]
+        return values[:k], values[k:2 * k], layer_rows, ratios
+
+    def _check(self, step: int, lr: float, loss: float, norm: float, layer_row: list[float], skipped: bool) -> None:
+        found = []
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            bad = ("loss", loss) if not math.isfinite(loss) else ("grad_norm", norm)
+            found.append({"step": step, "kind": "nonfinite", "value": str(bad[1]), "of": bad[0],
+                          "skipped": skipped})
+        else:
+            self._ema = self.smoothing * self._ema + (1.0 - self.smoothing) * loss
+            self._ema_steps += 1
+        for kind, detector, value in (("loss_spike", self.loss_spikes, loss),
+                                      ("grad_norm_spike", self.grad_spikes, norm)):
+            spike, z = detector.update(value)
+            if spike:
+                found.append({"step": step, "kind": kind, "value": value, "z": z})
+        if math.isfinite(norm):
+            for name, value in zip(self._index.names, layer_row):
+                if not math.isfinite(value):
+                    continue
+                detector = self.layer_spikes.setdefault(
+                    name, RollingZScore(self.spike_k, self.spike_window, self.spike_min_history))
+                spike, z = detector.update(value)
+                if spike:
+                    found.append({"step": step, "kind": "layer_exploding", "layer": name, "value": value, "z": z})
+                vanishing = value <= self.vanish_ratio * norm
+                if vanishing and name not in self._vanishing:
+                    found.append({"step": step, "kind": "layer_vanishing", "layer": name, "value": value,
+                                  "share": value / norm if norm > 0 else float("nan")})
+                    self._vanishing.add(name)
+                elif not vanishing:
+                    self._vanishing.discard(name)
+        dead = lr <= 0.0 and step > self.warmup_steps
+        if dead and not self._lr_dead:
+            found.append({"step": step, "kind": "dead_lr", "value": lr})
+        self._lr_dead = dead
+        self.anomalies.extend(found)
+        return found
+
+    def _log(self, state) -> None:
+        losses, norms, layer_rows, ratios = self._read_window()
+        found = []
+        for (step, lr, result, _), loss, norm, row in zip(self._pending, losses, norms, layer_rows):
+            found += self._check(step, lr, loss, norm, row, bool(result.skipped))
+        step, lr, _, _ = self._pending[-1]
+        skipped = sum(bool(r.skipped) for _, _, r, _ in self._pending)
+        self._pending = []
+        now = time.perf_counter()
+        if self._window is None:  # logged at the very first step: time since train() started
+            seconds, tokens, data = state.metrics.get("seconds", now - self._t0), state.tokens_seen, state.data_seconds
+        else:
+            t, tok, dat = self._window
+            seconds, tokens, data = now - t - self._excluded, state.tokens_seen - tok, state.data_seconds - dat
+        tokens_per_s = tokens / seconds if seconds > 0 and tokens > 0 else None
+        flops_per_s = self.flops_per_token * tokens_per_s if self.flops_per_token and tokens_per_s else None
+        record = {
+            "step": step, "loss": losses[-1],
+            "loss_smooth": self._ema / (1.0 - self.smoothing ** self._ema_steps) if self._ema_steps else None,
+            "lr": lr, "grad_norm": norms[-1], "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
+            "mfu": compute_mfu(self.flops_per_token, tokens_per_s, self.peak_flops) if flops_per_s else None,
+            "tokens_seen": state.tokens_seen, "data_share": data / seconds if seconds > 0 else None,
+            "skipped_steps": skipped, "elapsed_s": now - self._t0,
+            **self._memory(),
+            "layer_grad_norms": dict(zip(self._index.names, layer_rows[-1])),
+        }
+        if ratios:
+            record["layer_update_ratios"] = dict(zip(self._index.names, ratios))
+        if not self.records:
+            record.update(peak_flops=self.peak_flops, peak_source=self.peak_source,
+                          flops_per_token=self.flops_per_token)
+        record["anomalies"] = found
+        eval_follows = bool(state.config.eval_every) and (step % state.config.eval_every == 0
+                                                           or step == state.config.steps)
+        if eval_follows:
+            self._held = record  # on_eval adds val_loss and writes it (or the next hook does)
+        else:
+            self._emit(record)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{losses[-1]:.3f}",
+                                  tok_s=f"{tokens_per_s:,.0f}" if tokens_per_s else "-", refresh=False)
+        self._excluded = 0.0
+        self._window = (time.perf_counter(), state.tokens_seen, state.data_seconds)
+
+    def _memory(self) -> dict:
+        if self._device.type == "cuda":
+            return {"mem_allocated_mb": torch.cuda.max_memory_allocated(self._device) / 2 ** 20,
+                    "mem_reserved_mb": torch.cuda.memory_reserved(self._device) / 2 ** 20}
+        import psutil
+        if self._process is None:
+            self._process = psutil.Process()
+        return {"rss_mb": self._process.memory_info().rss / 2 ** 20}
+
+    def _write_held(self) -> None:
+        if self._held is not None:
+            record, self._held = self._held, None
+            self._emit(record)
+
+    def _emit(self, record: dict) -> None:
+        record = _jsonable(record)
+        self.records.append(record)
+        if self._file is not None:
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
+            self._file.flush()
+        if self._writer is not None:
+            self._to_tensorboard(record)
+        if self.live and "loss" in record:
+            self._live.update(self.records, self.anomalies)
+
+    def _to_tensorboard(self, record: dict) -> None:
+        step = record["step"]
+        for key in ("loss", "loss_smooth", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_share",
+                    "rss_mb", "mem_allocated_mb", "mem_reserved_mb"):
+            if record.get(key) is not None:
+                self._writer.add_scalar(f"train/{key}", record[key], step)
+        for group in ("layer_grad_norms", "layer_update_ratios"):
+            for name, value in (record.get(group) or {}).items():
+                if value is not None:
+                    self._writer.add_scalar(f"{group}/{name}", value, step)
+        for a in record.get("anomalies") or ():
+            self._writer.add_text("anomalies", json.dumps(a), a["step"])
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a monitor's JSONL log (a half-written last line of a running log is skipped)."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.endswith("\n"):
+                    raise
+    return records

@@ -1,0 +1,106 @@
+"""Anomaly detectors on host values, and the two sanity checks every run should pass.
+
+A *spike* is a value above ``mean + k·σ`` of the last ``window`` accepted values (OLMo-core's
+rule, with k = 6 and a window of 128 by default). Flagged and non-finite values are kept out
+of the window, so one blow-up does not widen the band that should catch the next one.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+
+class RollingZScore:
+    """Flags values above ``mean + k·std`` of the previous ``window`` accepted values.
+
+    Nothing is flagged until ``min_history`` values have been seen (a band from three
+    points means nothing). ``update(x)`` returns ``(is_spike, z)`` where ``z`` is how many
+    standard deviations ``x`` lies above the mean (``nan`` before ``min_history``).
+    """
+
+    def __init__(self, k: float = 6.0, window: int = 128, min_history: int = 16):
+        if not k > 0:
+            raise ValueError(f"k must be positive, got {k!r}")
+        if not isinstance(window, int) or window < 2:
+            raise ValueError(f"window must be an integer of at least 2, got {window!r}")
+        if not isinstance(min_history, int) or not 2 <= min_history <= window:
+            raise ValueError(f"min_history must be an integer in [2, window={window}], got {min_history!r}")
+        self.k, self.window, self.min_history = float(k), window, min_history
+        self.values: deque[float] = deque(maxlen=window)
+
+    def zscore(self, x: float) -> float:
+        if len(self.values) < self.min_history:
+            return float("nan")
+        n = len(self.values)
+        mean = sum(self.values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in self.values) / n)
+        # a perfectly flat history (std 0) makes every rise infinitely many σ: use a floor
+        return (x - mean) / max(std, 1e-12 * max(abs(mean), 1.0))
+
+    def update(self, x: float) -> tuple[bool, float]:
+        if not math.isfinite(x):
+            return False, float("nan")  # non-finite values are their own anomaly, never "history"
+        z = self.zscore(x)
+        spike = z > self.k
+        if not spike:
+            self.values.append(x)
+        return spike, z
+
+    def state_dict(self) -> dict:
+        return {"k": self.k, "window": self.window, "min_history": self.min_history, "values": list(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["window"] != self.window:
+            raise ValueError(f"saved window {state['window']} differs from this detector's {self.window}")
+        self.k, self.min_history = float(state["k"]), int(state["min_history"])
+        self.values = deque((float(v) for v in state["values"]), maxlen=self.window)
+
+
+def rolling_spikes(values: Iterable[float], k: float = 6.0, window: int = 128, min_history: int = 16) -> list[int]:
+    """Indices of the values :class:`RollingZScore` flags, for a whole series at once."""
+    detector = RollingZScore(k, window, min_history)
+    return [i for i, v in enumerate(values) if detector.update(float(v))[0]]
+
+
+# ----------------------------------------------------------------------------- sanity checks
+
+def expected_initial_loss(vocab_size: int) -> float:
+    """Cross-entropy of a uniform guess over the vocabulary, ``ln |V|``: what a freshly
+    initialised language model should score (small logits, so nearly uniform outputs)."""
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"vocab_size must be an integer of at least 2, got {vocab_size!r}")
+    return math.log(vocab_size)
+
+
+def check_initial_loss(model: nn.Module, batch: dict, objective: Callable, vocab_size: int,
+                       *, tolerance: float = 0.1) -> dict:
+    """Loss of ``model`` on ``batch`` before training against ``ln |V|``.
+
+    Returns ``{"loss", "expected", "ratio", "ok"}``; ``ok`` when the loss is within
+    ``tolerance`` (relative) of ``ln |V|``. A loss far above it means an initialisation
+    that is too large (confident wrong predictions); far below it, leaked labels.
+    """
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss, _ = objective(model, batch)
+    model.train(was_training)
+    value = float(loss)
+    expected = expected_initial_loss(vocab_size)
+    ratio = value / expected
+    return {"loss": value, "expected": expected, "ratio": ratio, "ok": abs(ratio - 1.0) <= tolerance}
+
+
+def check_overfits_one_batch(model: nn.Module, batch: dict, objective: Callable, *, steps: int = 100,
+                             lr: float = 3e-3, target_loss: float = 0.5, device: str = "auto") -> dict:
+    """Train on one batch only, through the engine: a correct model and objective drive the
+    loss towards 0. Returns ``{"initial", "final", "ok"}`` with ``ok`` when ``final < target_loss``."""
+    from ..train import train
+
+    history = train(model, lambda i: batch, objective, steps=steps, lr=lr, weight_decay=0.0, grad_clip=1.0,
+                    log_every=steps, device=device, progress=False, desc="overfit one batch")
+    return {"initial": history.losses[0], "final": history.losses[-1], "ok": history.losses[-1] < target_loss}

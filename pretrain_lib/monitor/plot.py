@@ -1,0 +1,110 @@
+"""The standard dashboard of a run (loss, LR, gradient norm, tokens/s, MFU, anomalies marked),
+drawn from a monitor's records or its JSONL file, and the live notebook view built on it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..utils import is_headless, save_figure
+
+_PANELS = [("loss", "loss (nats/token)", "Training loss"), ("lr", "learning rate", "Learning rate"),
+           ("grad_norm", "L2 norm (pre-clip)", "Global gradient norm"),
+           ("tokens_per_s", "tokens / s", "Throughput"), ("mfu", "MFU (%)", "Model FLOPs utilisation"),
+           ("data_share", "share of step time (%)", "Waiting for data")]
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pairs = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_records(records: list[dict], anomalies: list[dict] | None = None, *, title: str = "Training run"):
+    """A 2×3 dashboard figure of monitor records; anomalies are marked on the loss and norm panels."""
+    import matplotlib.pyplot as plt
+
+    if anomalies is None:
+        anomalies = [a for r in records for a in (r.get("anomalies") or ())]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, ylabel, name) in zip(axes.flat, _PANELS):
+        steps, values = _series(records, key)
+        if key in ("mfu", "data_share"):
+            values = [100.0 * v for v in values]
+        ax.plot(steps, values, lw=1.2, label=key)
+        if key == "loss":
+            s, v = _series(records, "loss_smooth")
+            ax.plot(s, v, lw=1.5, label="smoothed")
+            s, v = _series(records, "val_loss")
+            if s:
+                ax.plot(s, v, "o-", ms=3, label="validation")
+            ax.legend(fontsize=8)
+        if key in ("loss", "grad_norm"):
+            marked = sorted({a["step"] for a in anomalies})
+            for i, step in enumerate(marked):
+                ax.axvline(step, color="red", alpha=0.35, lw=1, label="anomaly" if i == 0 and key == "grad_norm"
+                           else None)
+            if key == "grad_norm" and values and min(values) > 0:
+                ax.set_yscale("log")
+            if key == "grad_norm" and marked:
+                ax.legend(fontsize=8)
+        ax.set_title(name)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_run(jsonl_path: str | Path, *, title: str | None = None, save_as: str | None = None):
+    """The dashboard of a finished or running log (a half-written last line is skipped).
+    ``save_as``: also write the figure with :func:`pretrain_lib.utils.save_figure`."""
+    from .core import read_jsonl
+
+    records = read_jsonl(jsonl_path)
+    if not records:
+        raise ValueError(f"{jsonl_path} holds no monitor records yet")
+    fig = plot_records(records, title=title or f"Run {Path(jsonl_path).name}")
+    if save_as is not None:
+        save_figure(fig, save_as)
+    return fig
+
+
+class LiveDashboard:
+    """Redraws the dashboard in a notebook every ``every`` logged steps (ipywidgets output
+    area); when headless (papermill, CI) it draws nothing live and writes a static figure
+    at the end instead, since nobody is watching and ``plt.show()`` would do nothing."""
+
+    def __init__(self, *, every: int = 1, figure_name: str = "monitor_dashboard"):
+        if not isinstance(every, int) or every <= 0:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.every, self.figure_name = every, figure_name
+        self.headless = is_headless()
+        self.updates = 0
+        self.saved: Path | None = None
+        self._out = None
+        if not self.headless:
+            import ipywidgets
+            from IPython.display import display
+            self._out = ipywidgets.Output()
+            display(self._out)
+
+    def update(self, records: list[dict], anomalies: list[dict]) -> None:
+        self.updates += 1
+        if self.headless or self.updates % self.every:
+            return
+        import matplotlib.pyplot as plt
+        from IPython.display import clear_output, display
+
+        fig = plot_records(records, anomalies, title=f"Live: step {records[-1]['step']}")
+        with self._out:
+            clear_output(wait=True)
+            display(fig)
+        plt.close(fig)
+
+    def final(self, records: list[dict], anomalies: list[dict]) -> Path:
+        """Write the last dashboard to ``<figure_dir>/<figure_name>.png`` (and return its path)."""
+        import matplotlib.pyplot as plt
+
+        fig = plot_records(records, anomalies, title=f"Run at step {records[-1]['step']}")
+        self.saved = save_figure(fig, self.figure_name)
+        plt.close(fig)
+        return self.saved

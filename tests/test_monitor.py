@@ -1,0 +1,325 @@
+"""The monitor: fused norms against torch's, host reads, planted faults, sinks, peak FLOP/s, resume."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain_lib.model import GPT, ModelConfig
+from pretrain_lib.monitor import (Monitor, RollingZScore, check_initial_loss, datasheet_peak, grad_norms,
+                                  LayerIndex, layer_of, mfu, peak_flops, peak_flops_info, plot_run, read_jsonl,
+                                  rolling_spikes)
+from pretrain_lib.monitor import peak as peak_module
+from pretrain_lib.train import clm_objective, train
+
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+VOCAB = 40
+KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+
+
+def _gpt(seed=0, n_layers=2):
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=2, n_layers=n_layers, max_seq_len=16))
+
+
+def _data(seed=0, rows=256):
+    return torch.randint(0, VOCAB, (rows, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def _batches(data, batch=4):
+    rows = data.size(0)
+    return lambda i: {"input_ids": data[(i * batch) % rows:(i * batch) % rows + batch]}
+
+
+def _run(monitor, steps=20, log_every=5, model=None, objective=clm_objective, batches=None, **kw):
+    model = model if model is not None else _gpt()
+    batches = batches if batches is not None else _batches(_data())
+    return train(model, batches, objective, steps=steps, log_every=log_every, device="cpu", progress=False,
+                 callbacks=[monitor], **kw)
+
+
+# ----------------------------------------------------------------------------- norms
+
+def test_layer_grouping():
+    assert layer_of("backbone.blocks.3.attn.qkv.weight") == "backbone.blocks.3"
+    assert layer_of("module._orig_mod.backbone.tok_emb.weight") == "backbone.tok_emb"
+    assert layer_of("bias") == "bias"
+    index = LayerIndex(_gpt(n_layers=3))
+    assert index.names == ["tok_emb", "pos_emb", "blocks.0", "blocks.1", "blocks.2", "ln_f"]
+
+
+def test_fused_norms_match_clip_grad_norm_and_vector_norm_by_hand():
+    model = _gpt()
+    loss, _ = clm_objective(model, {"input_ids": _data()[:4]})
+    loss.backward()
+    index = LayerIndex(model)
+    total, per_layer = grad_norms(index)
+    params = [p for p in model.parameters() if p.grad is not None]
+    reference = torch.nn.utils.clip_grad_norm_(params, max_norm=float("inf"), foreach=False)
+    torch.testing.assert_close(total, reference, rtol=1e-5, atol=0)
+    for name, value in zip(index.names, per_layer):
+        grads = [p.grad.reshape(-1) for n, p in model.named_parameters() if layer_of(n).endswith(name)]
+        by_hand = torch.linalg.vector_norm(torch.cat(grads))
+        torch.testing.assert_close(value, by_hand, rtol=1e-5, atol=0)
+
+
+def test_monitor_reports_pre_clip_layer_norms_under_clipping():
+    """The engine clips the grads in place before on_step; the monitor undoes the factor."""
+    seen = {}
+
+    class Spy:
+        def on_step(self, state):
+            if state.step == 3:
+                _, post = grad_norms(LayerIndex(state.model))
+                seen["post"], seen["pre"] = post.clone(), float(state.last.grad_norm)
+
+    monitor = Monitor(peak_flops=1e12)
+    train(_gpt(), _batches(_data()), clm_objective, steps=3, log_every=3, device="cpu", progress=False,
+          grad_clip=0.05, callbacks=[Spy(), monitor])
+    record = monitor.records[-1]
+    assert seen["pre"] > 0.05  # clipping happened
+    layers = torch.tensor(list(record["layer_grad_norms"].values()))
+    torch.testing.assert_close(layers.square().sum().sqrt(), torch.tensor(seen["pre"]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(layers * (0.05 / (seen["pre"] + 1e-6)), seen["post"], rtol=1e-4, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- JSONL and host reads
+
+def test_jsonl_lines_parse_and_carry_the_documented_keys(tmp_path):
+    path = tmp_path / "run.jsonl"
+    monitor = Monitor(path, peak_flops=1e12)
+    history = _run(monitor, steps=12, log_every=4, eval_every=6, eval_fn=lambda m: 1.5)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [4, 6, 8, 12]  # eval steps are logged too
+    for r in lines:
+        assert KEYS <= set(r), set(r)
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+    assert [r.get("val_loss") for r in lines] == [None, 1.5, None, 1.5]
+    assert lines[-1]["loss"] == pytest.approx(history.losses[-1], rel=1e-6)
+    assert lines[-1]["grad_norm"] == pytest.approx(history.grad_norms[-1], rel=1e-6)
+    first = lines[0]
+    assert first["peak_flops"] == 1e12 and first["flops_per_token"] == _gpt().flops_per_token(None)
+    # MFU is model FLOPs per token × tokens/s ÷ peak, from the logged numbers themselves
+    assert first["mfu"] == pytest.approx(first["flops_per_token"] * first["tokens_per_s"] / 1e12, rel=1e-9)
+    assert read_jsonl(path) == lines
+
+
+def test_monitor_adds_at_most_one_host_read_per_logged_step(monkeypatch):
+    def count_reads(callbacks):
+        reads = []
+
+        def counting(name):
+            original = getattr(torch.Tensor, name)
+
+            def wrapper(self, *args, **kwargs):
+                if not sys._getframe(1).f_code.co_filename.startswith(_TORCH_DIR):
+                    reads.append(name)
+                return original(self, *args, **kwargs)
+            return wrapper
+
+        with monkeypatch.context() as patch:
+            for name in ("item", "__int__", "__float__", "__bool__", "tolist", "__index__"):
+                patch.setattr(torch.Tensor, name, counting(name))
+            train(_gpt(), _batches(_data()), clm_objective, steps=20, log_every=5, device="cpu",
+                  progress=False, callbacks=callbacks)
+        return len(reads)
+
+    bare = count_reads([])
+    monitored = count_reads([Monitor(peak_flops=1e12)])
+    assert monitored - bare <= 20 // 5, (bare, monitored)
+    assert monitored - bare >= 1  # the monitor does read its window back (the count is not vacuous)
+
+
+# ----------------------------------------------------------------------------- planted faults
+
+def test_healthy_run_raises_no_alarm():
+    monitor = Monitor(peak_flops=1e12)
+    history = _run(monitor, steps=300, log_every=25, lr=1e-3, batches=_batches(_data(rows=512), batch=8))
+    assert history.losses[-1] < history.losses[0]
+    assert monitor.anomalies == []
+
+
+def test_poisoned_batch_detected_at_its_step_and_skipped():
+    poisoned_step = 14  # 1-based, the engine's state.step
+
+    def next_batch(i):
+        return {"input_ids": _data()[(i * 4) % 256:(i * 4) % 256 + 4],
+                "scale": torch.tensor(float("nan") if i == poisoned_step - 1 else 1.0)}
+
+    def objective(model, batch):
+        loss, n = clm_objective(model, batch)
+        return loss * batch["scale"], n
+
+    monitor = Monitor(peak_flops=1e12)
+    history = _run(monitor, steps=30, log_every=10, batches=next_batch, objective=objective,
+                   max_nonfinite_steps=1)
+    assert history.skipped_steps == [poisoned_step - 1]
+    assert [(a["step"], a["kind"], a["skipped"]) for a in monitor.anomalies] == [(poisoned_step, "nonfinite", True)]
+    assert monitor.records[1]["skipped_steps"] == 1
+
+
+def test_exploding_layer_detected_at_its_step_with_its_name():
+    bad_step, model = 40, _gpt(n_layers=3)
+    calls = {"n": 0}
+
+    def blow_up(grad):  # a hook on one weight of block 1, firing once per backward
+        calls["n"] += 1
+        return grad * 1e4 if calls["n"] == bad_step else grad
+
+    model.backbone.blocks[1].mlp.up.weight.register_hook(blow_up)
+    monitor = Monitor(peak_flops=1e12)
+    _run(monitor, steps=60, log_every=20, model=model, lr=1e-3)
+    kinds = {(a["step"], a["kind"], a.get("layer")) for a in monitor.anomalies}
+    assert (bad_step, "layer_exploding", "blocks.1") in kinds
+    assert (bad_step, "grad_norm_spike", None) in kinds
+    assert {a["step"] for a in monitor.anomalies} == {bad_step}
+    assert {a.get("layer") for a in monitor.anomalies if a["kind"] == "layer_exploding"} == {"blocks.1"}
+
+
+def test_loss_spike_detected_at_its_step():
+    bad_step = 50
+    data = _data()
+    spike_batch = torch.full((4, 16), 7)  # the same token everywhere: far from anything learned...
+    spike_batch[:, 1::2] = 9              # ...and a pattern the model never saw
+
+    def next_batch(i):
+        return {"input_ids": spike_batch if i == bad_step - 1 else data[:4]}
+
+    # a falling loss curve widens a long window's band (128 steps from 3.7 to 0.5): a short window
+    # compares the spike with the recent plateau, where it stands out by more than 20σ
+    monitor = Monitor(peak_flops=1e12, spike_window=16)
+    _run(monitor, steps=60, log_every=20, batches=next_batch, lr=3e-3)
+    assert bad_step in {a["step"] for a in monitor.anomalies if a["kind"] == "loss_spike"}
+    assert all(a["step"] == bad_step for a in monitor.anomalies)
+
+
+def test_dead_learning_rate_is_flagged_once():
+    monitor = Monitor(peak_flops=1e12)
+    schedule = lambda step: 1e-3 if step < 5 else 0.0  # noqa: E731 (a decay that ends at zero too early)
+    _run(monitor, steps=12, log_every=4, lr_schedule=schedule)
+    assert [(a["step"], a["kind"]) for a in monitor.anomalies] == [(6, "dead_lr")]
+
+
+def test_rolling_zscore_by_hand():
+    series = [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 9.0, 2.0]
+    # mean 1.5 and std 0.5 over the first 8: 9 lies 15σ above, 2.0 lies 1σ above
+    assert rolling_spikes(series, k=6.0, window=8, min_history=8) == [8]
+    detector = RollingZScore(k=6.0, window=8, min_history=8)
+    for x in series[:8]:
+        spike, z = detector.update(x)
+        assert not spike and math.isnan(z)  # no band before min_history values
+    assert detector.zscore(9.0) == pytest.approx(15.0)
+    with pytest.raises(ValueError, match="window"):
+        RollingZScore(window=1)
+
+
+# ----------------------------------------------------------------------------- update ratios, sinks, resume
+
+def test_update_to_weight_ratio_matches_the_weights_by_hand():
+    kept = {}
+
+    class Keep:
+        def on_step(self, state):
+            if state.step in (4, 5):
+                kept[state.step] = [p.detach().clone() for p in state.model.backbone.blocks[0].parameters()]
+
+    monitor = Monitor(peak_flops=1e12)
+    train(_gpt(), _batches(_data()), clm_objective, steps=5, log_every=5, device="cpu", progress=False,
+          callbacks=[Keep(), monitor])
+    delta = torch.cat([(b - a).reshape(-1) for a, b in zip(kept[4], kept[5])])
+    weight = torch.cat([a.reshape(-1) for a in kept[4]])
+    expected = float(torch.linalg.vector_norm(delta) / torch.linalg.vector_norm(weight))
+    assert monitor.records[-1]["layer_update_ratios"]["blocks.0"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_state_dict_is_json_and_a_restored_monitor_appends(tmp_path):
+    class StopAt:
+        def on_step(self, state):
+            state.stop = state.step == 15
+
+    path = tmp_path / "run.jsonl"
+    first = Monitor(path, peak_flops=1e12)
+    train(_gpt(), _batches(_data()), clm_objective, steps=30, log_every=5, device="cpu", progress=False,
+          callbacks=[first, StopAt()])
+    saved = json.loads(json.dumps(first.state_dict()))  # plain JSON survives the round trip
+    assert len(saved["loss_spikes"]["values"]) == 15 and saved["ema_steps"] == 15
+    second = Monitor(path, peak_flops=1e12)
+    second.load_state_dict(saved)
+    assert second.state_dict() == saved
+    _run(second, steps=5, log_every=5)
+    assert [r["step"] for r in read_jsonl(path)] == [5, 10, 15, 5]  # appended, not overwritten
+    assert second.state_dict()["ema_steps"] == 20
+    with pytest.raises(ValueError, match="version"):
+        Monitor().load_state_dict({**saved, "version": 99})
+
+
+def test_tensorboard_event_file_reads_back(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monitor = Monitor(tensorboard_dir=tmp_path / "tb", peak_flops=1e12)
+    _run(monitor, steps=10, log_every=5)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [5, 10]
+    assert losses[-1].value == pytest.approx(monitor.records[-1]["loss"], rel=1e-6)
+    assert "layer_grad_norms/blocks.0" in events.Tags()["scalars"]
+
+
+def test_plot_run_draws_a_running_log(tmp_path):
+    path = tmp_path / "run.jsonl"
+    _run(Monitor(path, peak_flops=1e12), steps=10, log_every=5)
+    with open(path, "a") as f:
+        f.write('{"step": 15, "loss"')  # a line still being written
+    fig = plot_run(path)
+    assert len(fig.axes) == 6 and fig.axes[0].get_title() == "Training loss"
+
+
+# ----------------------------------------------------------------------------- peak FLOP/s, MFU, sanity
+
+def test_peak_flops_table_and_never_a_silent_default(monkeypatch):
+    assert datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16")[0] == 312e12
+    assert datasheet_peak("NVIDIA H100 80GB HBM3", torch.bfloat16)[0] == 989e12
+    assert datasheet_peak("NVIDIA H100 PCIe", "bf16")[0] == 756e12
+    assert datasheet_peak("NVIDIA H200", "bf16")[0] == 989e12
+    assert datasheet_peak("NVIDIA B200", "bf16")[0] == 2.25e15
+    assert datasheet_peak("NVIDIA L40S", "bf16")[0] == 362e12
+    assert datasheet_peak("Some Future GPU", "bf16") is None
+    with pytest.raises(ValueError, match="no peak FLOP/s known"):
+        peak_flops("meta", "fp32")
+    with pytest.raises(ValueError, match="dtype"):
+        peak_flops("cpu", "int8")
+    calls = []
+    monkeypatch.setattr(peak_module, "_MEASURED", {})
+    real = peak_module.measure_peak_flops
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, size=128, repeats=2, **{k: v for k, v in kwargs.items() if k not in ("size",)})
+    monkeypatch.setattr(peak_module, "measure_peak_flops", spy)
+    value, source = peak_flops_info("cpu", "fp32")
+    assert value > 1e6 and source.startswith("measured") and len(calls) == 1
+
+
+def test_measured_probe_is_cached():
+    first = peak_module.measure_peak_flops("cpu", "fp32", size=64, repeats=1, cache=True)
+    assert peak_module.measure_peak_flops("cpu", "fp32", size=64, repeats=1) == first
+
+
+def test_mfu_by_hand_and_bad_input():
+    assert mfu(6e9, 1000.0, 12e12) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="positive"):
+        mfu(1.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="peak_flops"):
+        Monitor(peak_flops=-1.0)
+
+
+def test_initial_loss_is_log_vocab_for_the_course_init():
+    report = check_initial_loss(_gpt(), {"input_ids": _data()[:8]}, clm_objective, VOCAB)
+    assert report["expected"] == pytest.approx(math.log(VOCAB))
+    assert report["ok"], report
