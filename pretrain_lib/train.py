@@ -431,3 +431,18 @@ def _read_back(pending: list[StepResult], history: TrainHistory, first_step: int
         history.losses.append(loss)
         history.grad_norms.append(norm)
         history.target_tokens.append(int(n))
+
+
+# ----------------------------------------------------------------------------- the capstone trainer
+# ``python -m pretrain_lib.train --config configs/NAME.toml`` and ``run(config)`` live in
+# pretrain_lib/capstone/ (config, data, checkpoints, callbacks); they train through train() above.
+
+def run(config, **kwargs):
+    """Train the run a TOML config describes; see :func:`pretrain_lib.capstone.trainer.run`."""
+    from .capstone.trainer import run as _run
+    return _run(config, **kwargs)
+
+
+if __name__ == "__main__":
+    from .capstone.trainer import main
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""Atomic, checksummed checkpoints: write, keep the last K, find the latest good one.
+
+nanoGPT writes its checkpoint with one ``torch.save`` over the previous file: a crash
+during that write leaves neither the old checkpoint nor the new one. Here a checkpoint is
+
+1. serialised in memory, prefixed by a header with the SHA-256 of the payload;
+2. written to a temporary file in the same folder, flushed and ``fsync``-ed;
+3. renamed over its final name (``os.replace`` is atomic within a file system);
+4. made durable by an ``fsync`` of the folder, which records the rename itself.
+
+A pointer file ``latest`` (written the same way) names the newest checkpoint; older ones
+beyond ``keep`` are deleted only after the new one is safe. On load, a file whose
+checksum does not match (a truncated copy, a flipped bit) is reported and the previous
+checkpoint is used instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MAGIC = b"PLCKPT1\n"                 # file = MAGIC + 64 hex digits of sha256(payload) + b"\n" + payload
+POINTER = "latest"
+_NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or an output folder a checkpoint cannot be written to."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt_{step:08d}.pt"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one,
+    never a mixture: temporary file in the same folder → fsync → rename → fsync of the folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def encode_checkpoint(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    return MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+
+def decode_checkpoint(data: bytes, name: str = "checkpoint") -> dict[str, Any]:
+    """Check the header and checksum, then unpickle; raises :class:`CheckpointError` when corrupt."""
+    head = len(MAGIC) + 65
+    if len(data) < head or not data.startswith(MAGIC):
+        raise CheckpointError(f"{name} is not a course checkpoint (missing header; {len(data)} bytes)")
+    expected = data[len(MAGIC):head - 1].decode("ascii", "replace")
+    payload = data[head:]
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != expected:
+        raise CheckpointError(f"{name} is corrupt: its checksum is {actual[:12]}… but its header says "
+                              f"{expected[:12]}… (truncated or overwritten)")
+    # weights_only: a checkpoint holds tensors, numbers, strings and containers only, so a
+    # tampered file cannot run code when it is loaded.
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every checkpoint file in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], *, keep: int = 2) -> Path:
+    """Write ``state`` as ``<folder>/ckpt_<step>.pt`` atomically, point ``latest`` at it, and
+    delete all but the newest ``keep`` checkpoints. Returns the checkpoint's path."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = atomic_write_bytes(folder / checkpoint_name(step), encode_checkpoint(state))
+    atomic_write_bytes(folder / POINTER, path.name.encode() + b"\n")
+    for _, old in list_checkpoints(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    return decode_checkpoint(path.read_bytes(), path.name)
+
+
+def load_latest(folder: str | Path, *, log=None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``folder`` whose checksum holds, as ``(path, state)``; ``None``
+    when there is none at all. A corrupt one is reported through ``log`` (default: stderr)
+    and the one before it tried; if every file is corrupt, :class:`CheckpointError`."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    folder = Path(folder)
+    candidates = [p for _, p in reversed(list_checkpoints(folder))]
+    pointer = folder / POINTER
+    if pointer.is_file():  # the pointer first: it names the checkpoint the run last finished
+        named = folder / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    problems = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except (CheckpointError, OSError, RuntimeError, EOFError) as exc:
+            problems.append(f"{path.name}: {exc}")
+            log(f"checkpoint: {exc}; falling back to the previous checkpoint")
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {folder}: " + "; ".join(problems))
+    return None
+
+
+# ----------------------------------------------------------------------------- before training
+
+def check_output_dir(folder: str | Path, *, need_bytes: int) -> None:
+    """Fail now, not after an hour of training, when ``folder`` cannot hold the checkpoints:
+    it must be creatable, writable (a real file is written, fsync-ed and removed, which
+    also catches read-only mounts that permission bits do not show) and have ``need_bytes``
+    free."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / ".write_test", b"ok")
+        (folder / ".write_test").unlink()
+    except OSError as exc:
+        raise CheckpointError(f"the output folder {folder} is not writable ({exc.strerror or exc}); choose another "
+                              f"out_dir (--set out_dir=...) or fix its permissions") from exc
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise CheckpointError(f"the output folder {folder} has {free / 2**20:.1f} MiB free but the checkpoints need "
+                              f"about {need_bytes / 2**20:.1f} MiB; free space or choose another out_dir")

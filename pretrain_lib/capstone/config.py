@@ -1,0 +1,291 @@
+"""The capstone trainer's configuration: TOML files validated into dataclasses.
+
+A config has top-level keys (``out_dir``, ``seed``, ``device``, ``parallel``,
+``allow_config_change``) and four sections, ``[model]``, ``[data]``, ``[train]``,
+``[checkpoint]``. Every key has a default, so a file names only what differs. Validation
+is strict because a typo in a config otherwise trains for hours with the default: an
+unknown key is an error that names the valid ones, a wrong type or an impossible value
+says which key and why.
+
+    cfg = load_config("configs/gpt-char-tiny.toml", overrides=["train.steps=300"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that cannot be trained: unknown key, wrong type, impossible value."""
+
+
+@dataclass
+class ModelSection:
+    kind: str = "gpt"                 # "gpt" (causal decoder, CLM) | "bert" (bidirectional encoder, MLM)
+    n_layers: int = 4
+    n_heads: int = 4
+    d_model: int = 128
+    d_ff: int = 0                     # 0: 4 * d_model
+    seq_len: int = 64                 # context: tokens the model predicts from per window
+    dropout: float = 0.0
+
+    CHOICES = {"kind": ("gpt", "bert")}
+
+    def check(self) -> None:
+        _positive(self, "n_layers", "n_heads", "d_model", "seq_len")
+        if self.d_ff < 0:
+            raise ConfigError(f"model.d_ff must be >= 0 (0 means 4 * d_model), got {self.d_ff}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class DataSection:
+    corpus: str = "shakespeare"       # "shakespeare" | "code" (the Python standard library) | "folder"
+    folder: str = ""                  # the folder of .txt files when corpus = "folder"
+    max_docs: int = 0                 # 0: every document
+    tokenizer: str = "char"           # "char" | "bpe" | "wordpiece"
+    vocab_size: int = 0               # bpe / wordpiece only; a char vocabulary is the corpus's characters
+    val_fraction: float = 0.1         # the last fraction of the token stream is the validation split
+    tokens_per_shard: int = 1_000_000
+    num_workers: int = 0              # DataLoader worker processes
+    mlm_probability: float = 0.15
+    cache_dir: str = "build/data"     # prepared shards, one folder per data fingerprint
+
+    CHOICES = {"corpus": ("shakespeare", "code", "folder"), "tokenizer": ("char", "bpe", "wordpiece")}
+
+    def check(self) -> None:
+        if self.corpus == "folder" and not self.folder:
+            raise ConfigError('data.corpus = "folder" needs data.folder, the path of your .txt files')
+        if self.tokenizer != "char" and self.vocab_size < 261:
+            raise ConfigError(f"data.tokenizer = {self.tokenizer!r} needs data.vocab_size >= 261 (256 bytes + 5 "
+                              f"special tokens), got {self.vocab_size}")
+        if self.tokenizer == "char" and self.vocab_size:
+            raise ConfigError("data.vocab_size is set but data.tokenizer = 'char' takes its vocabulary from the "
+                              "corpus; remove vocab_size or choose 'bpe'")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction must lie in (0, 0.5), got {self.val_fraction}")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ConfigError(f"data.mlm_probability must lie in (0, 1), got {self.mlm_probability}")
+        _positive(self, "tokens_per_shard")
+        _non_negative(self, "max_docs", "num_workers")
+
+
+@dataclass
+class TrainSection:
+    steps: int = 2000
+    batch_size: int = 12              # windows per micro-batch
+    grad_accum_steps: int = 1
+    lr: float = 1e-3                  # peak learning rate
+    min_lr: float = 1e-4              # floor of the decay
+    schedule: str = "cosine"          # "cosine" | "wsd" | "constant"
+    warmup_steps: int = 100
+    decay_steps: int = 0              # cosine: the step the decay ends (0: steps); wsd: decay length (0: steps/5)
+    optimizer: str = "adamw"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0            # 0: no clipping
+    dtype: str = "fp32"               # "fp32" | "bf16" | "fp16"
+    compile: str = "auto"             # "auto" (on CUDA only) | "on" | "off"
+    log_every: int = 10
+    eval_every: int = 250
+    eval_batches: int = 20            # validation batches per evaluation (fixed windows, same every time)
+    sample_tokens: int = 200          # GPT: tokens sampled at each evaluation (0: none)
+    progress: str = "auto"            # "auto" (a bar in a terminal) | "on" | "off"
+    tensorboard: bool = True          # also write TensorBoard events when it is installed
+
+    CHOICES = {"schedule": ("cosine", "wsd", "constant"), "dtype": ("fp32", "bf16", "fp16"),
+               "compile": ("auto", "on", "off"), "progress": ("auto", "on", "off"), "optimizer": ("adamw", "muon")}
+
+    def check(self) -> None:
+        _positive(self, "steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batches")
+        _non_negative(self, "warmup_steps", "decay_steps", "sample_tokens")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"train.min_lr must lie in [0, train.lr={self.lr}], got {self.min_lr}")
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be smaller than train.steps={self.steps}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.weight_decay and train.grad_clip must be >= 0 (grad_clip = 0: no clipping)")
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500                  # steps between checkpoints (one is always written at the end)
+    keep: int = 2                     # checkpoints kept; older ones are deleted once a newer one is safe
+
+    def check(self) -> None:
+        _positive(self, "every", "keep")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "build/runs/default"
+    seed: int = 1337
+    device: str = "auto"
+    parallel: str = "none"            # "none" | "ddp" | "fsdp" (under torchrun)
+    allow_config_change: bool = False  # resume even when an exactness-breaking key changed
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    CHOICES = {"parallel": ("none", "ddp", "fsdp")}
+
+    def check(self) -> None:
+        _non_negative(self, "seed")
+        for section in SECTIONS:
+            getattr(self, section).check()
+        if self.train.log_every > self.train.steps:
+            self.train.log_every = self.train.steps  # a short --set run still logs its last step
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = ("model", "data", "train", "checkpoint")
+
+# Keys whose change makes a resumed run differ from the uninterrupted one: the batches, the
+# model's shape, the data or the tokenizer. A resume that changes one is refused unless
+# allow_config_change = true.
+EXACTNESS_KEYS = ("seed", "parallel", "model.*", "data.corpus", "data.folder", "data.max_docs", "data.tokenizer",
+                  "data.vocab_size", "data.val_fraction", "data.tokens_per_shard", "data.mlm_probability",
+                  "train.batch_size", "train.grad_accum_steps")
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{_section_of(obj)}{name} must be a positive integer, got {getattr(obj, name)}")
+
+
+def _non_negative(obj, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ConfigError(f"{_section_of(obj)}{name} must be >= 0, got {getattr(obj, name)}")
+
+
+def _section_of(obj) -> str:
+    for name, cls in _SECTION_CLASSES.items():
+        if type(obj) is cls:
+            return f"{name}."
+    return ""
+
+
+def _type_ok(value: Any, expected: type) -> bool:
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _build(cls, table: dict, where: str):
+    """``cls(**table)`` with every key and type checked; ``where`` is the section prefix for messages."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where.rstrip('.')}] must be a table of keys, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in fields_:
+            close = difflib.get_close_matches(key, fields_, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {where}{key}{hint}; valid keys{' in [' + where.rstrip('.') + ']' if where else ''}"
+                              f" are: {', '.join(sorted(fields_))}")
+        expected = hints[key]
+        if key in SECTIONS and not where:
+            values[key] = _build(_SECTION_CLASSES[key], value, f"{key}.")
+            continue
+        if isinstance(expected, types.UnionType) or typing.get_origin(expected) is typing.Union:
+            expected = tuple(t for t in typing.get_args(expected) if t is not type(None))[0]
+        if not _type_ok(value, expected):
+            raise ConfigError(f"{where}{key} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+        choices = getattr(cls, "CHOICES", {}).get(key)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{where}{key} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        values[key] = float(value) if expected is float else value
+    return cls(**values)
+
+
+_SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "train": TrainSection,
+                    "checkpoint": CheckpointSection}
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.steps=300"`` → ``(["train", "steps"], 300)``; the value is read as TOML
+    (numbers, ``true``, quoted strings), else kept as a bare string (``parallel=ddp``)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (for example train.steps=300), got {item!r}")
+    key, raw = item.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    path = key.split(".")
+    if not all(path) or len(path) > 2:
+        raise ConfigError(f"--set key must be 'name' or 'section.name', got {key!r}")
+    return path, value
+
+
+def config_from_dict(table: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate a parsed TOML table (plus ``key=value`` overrides) into a :class:`RunConfig`."""
+    table = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table.items()}
+    for item in overrides:
+        path, value = parse_override(item)
+        if len(path) == 2:
+            if path[0] not in SECTIONS:
+                raise ConfigError(f"--set {item!r}: unknown section {path[0]!r}; sections are {', '.join(SECTIONS)}")
+            table.setdefault(path[0], {})[path[1]] = value
+        else:
+            table[path[0]] = value
+    config = _build(RunConfig, table, "")
+    config.check()
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML config file and validate it (see :func:`config_from_dict`)."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
+        raise ConfigError(f"no config file at {path}; the shipped configs are configs/{{{','.join(shipped)}}}.toml")
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return config_from_dict(table, overrides)
+
+
+def exactness_differences(saved: dict, current: dict) -> list[str]:
+    """The exactness-breaking keys (:data:`EXACTNESS_KEYS`) whose values differ, as
+    ``"key: saved -> current"`` lines; empty when a resume would be exact."""
+    out = []
+    for pattern in EXACTNESS_KEYS:
+        if pattern.endswith(".*"):
+            section = pattern[:-2]
+            keys = sorted(set(saved.get(section, {})) | set(current.get(section, {})))
+            pairs = [(f"{section}.{k}", saved.get(section, {}).get(k), current.get(section, {}).get(k)) for k in keys]
+        elif "." in pattern:
+            section, key = pattern.split(".")
+            pairs = [(pattern, saved.get(section, {}).get(key), current.get(section, {}).get(key))]
+        else:
+            pairs = [(pattern, saved.get(pattern), current.get(pattern))]
+        out += [f"{name}: {a!r} -> {b!r}" for name, a, b in pairs if a != b]
+    return out
