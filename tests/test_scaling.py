@@ -400,3 +400,23 @@ def test_tiny_isoflop_sweep_through_the_engine(sweep_data):
     assert again[0].loss == runs[0].loss  # seeded: the same run gives the same loss
     with pytest.raises(ValueError, match="seq_len"):
         scaling.run_isoflop_sweep([2e9], shapes, sweep_data, seq_len=1, log=None)
+
+
+def test_isoflop_can_leave_extrapolated_vertices_out():
+    true = scaling.EPOCH_FIT
+    runs = []
+    for C, shift in ((1e18, 0.0), (1e19, 0.0), (1e20, 0.0), (1e21, 2.0)):  # the last budget's sizes all sit
+        n_star, _ = compute_optimal(C, true)                                 # below its optimum
+        for k in np.linspace(-1.0, 1.0, 5) - shift:
+            N = n_star * math.exp(k)
+            runs.append(IsoFlopRun(compute=C, params=N, tokens=C / (6 * N), loss=float(true(N, C / (6 * N)))))
+    every = fit_isoflop(runs)
+    inside = fit_isoflop(runs, bracketed_only=True)
+    assert every.bracketed.tolist() == [True, True, True, False]
+    assert every.used.tolist() == [True, True, True, True] and inside.used.tolist() == [True, True, True, False]
+    # a parabola through points on one side of the optimum misplaces the vertex; leaving it out
+    # recovers the law's exponent (0.37 / 0.72 = 0.5139), keeping it does not
+    assert inside.exponent_n_opt == pytest.approx(0.5139, abs=0.01)
+    assert abs(every.exponent_n_opt - 0.5139) > abs(inside.exponent_n_opt - 0.5139)
+    with pytest.raises(ValueError, match="inside the sizes tried"):
+        fit_isoflop([r for r in runs if r.compute >= 1e20], bracketed_only=True)

@@ -29,7 +29,8 @@ class IsoFlopFit:
     parabola ``loss ≈ p[0] (log N)^2 + p[1] log N + p[2]``, N_opt at its vertex, D_opt from the
     same fit in log D, the loss there, and whether the vertex lies inside the sizes tried.
     Then the power laws N_opt = k_N C^exponent_n_opt and D_opt = k_D C^exponent_d_opt over
-    the convex budgets (the vertices outside the sizes tried, ``~bracketed``, included)."""
+    the budgets in ``used``: the convex ones, or only those whose vertex lies inside the sizes
+    tried (``bracketed_only``)."""
     budgets: np.ndarray
     parabolas_N: np.ndarray   # (n_budgets, 3)
     parabolas_D: np.ndarray   # (n_budgets, 3)
@@ -38,6 +39,7 @@ class IsoFlopFit:
     loss_opt: np.ndarray
     convex: np.ndarray        # bool: the parabola opens upwards (has a minimum)
     bracketed: np.ndarray     # bool: the minimum lies between the smallest and largest N tried
+    used: np.ndarray          # bool: the budget entered the power-law fits
     exponent_n_opt: float     # N_opt ∝ C^exponent_n_opt
     exponent_d_opt: float     # D_opt ∝ C^exponent_d_opt
     log_kN: float
@@ -63,12 +65,15 @@ def _as_run(run: IsoFlopRun | Mapping[str, float]) -> IsoFlopRun:
                          f"got {run!r}") from exc
 
 
-def fit_isoflop(runs: Iterable[IsoFlopRun | Mapping[str, float]]) -> IsoFlopFit:
+def fit_isoflop(runs: Iterable[IsoFlopRun | Mapping[str, float]], *, bracketed_only: bool = False) -> IsoFlopFit:
     """Approach 2 of Hoffmann et al.: for each compute budget fit a parabola of loss against
     log N (and against log D), take its minimum, then fit N_opt ∝ C^x and D_opt ∝ C^y by
     least squares in log-log space over the budgets whose parabola is convex.
 
-    Runs belong to the same budget when their ``compute`` values are equal (to 1e-9 relative).
+    A vertex outside the sizes tried is an extrapolation of the parabola (``bracketed`` is
+    False); ``bracketed_only=True`` leaves such budgets out of the power laws as well
+    (``fit.used`` says which budgets entered them). Runs belong to the same budget when their
+    ``compute`` values are equal (to 1e-9 relative).
     """
     runs = [_as_run(r) for r in runs]
     if not runs:
@@ -104,15 +109,16 @@ def fit_isoflop(runs: Iterable[IsoFlopRun | Mapping[str, float]]) -> IsoFlopFit:
         l_opt.append(float(np.polyval(coef_n, v_n)))
         convex.append(is_convex)
         bracketed.append(bool(log_n.min() <= v_n <= log_n.max()))
-    budgets_arr, convex_arr = np.array(budgets), np.array(convex)
-    if convex_arr.sum() < 2:
-        raise ValueError(f"only {int(convex_arr.sum())} of {len(budgets)} budgets have a convex IsoFLOP curve; "
+    budgets_arr, convex_arr, bracketed_arr = np.array(budgets), np.array(convex), np.array(bracketed)
+    use = convex_arr & bracketed_arr if bracketed_only else convex_arr
+    if use.sum() < 2:
+        which = "convex with a minimum inside the sizes tried" if bracketed_only else "convex"
+        raise ValueError(f"only {int(use.sum())} of {len(budgets)} budgets have an IsoFLOP curve that is {which}; "
                          "a power law needs 2: widen the range of model sizes or lengthen the runs")
-    use = convex_arr
     x_n, log_kN = np.polyfit(np.log(budgets_arr[use]), np.log(np.array(n_opt)[use]), 1)
     x_d, log_kD = np.polyfit(np.log(budgets_arr[use]), np.log(np.array(d_opt)[use]), 1)
     return IsoFlopFit(budgets=budgets_arr, parabolas_N=np.array(pN), parabolas_D=np.array(pD),
                       N_opt=np.array(n_opt), D_opt=np.array(d_opt), loss_opt=np.array(l_opt),
-                      convex=convex_arr, bracketed=np.array(bracketed),
+                      convex=convex_arr, bracketed=bracketed_arr, used=use,
                       exponent_n_opt=float(x_n), exponent_d_opt=float(x_d),
                       log_kN=float(log_kN), log_kD=float(log_kD))
