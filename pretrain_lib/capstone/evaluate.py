@@ -57,9 +57,19 @@ def gpt_sample(model: nn.Module, tokenizer: Tokenizer, *, prompt: str = "\n", ma
 def fill_mask(model: nn.Module, tokenizer: Tokenizer, text: str, *, k: int = 5) -> list[list[tuple[str, float]]]:
     """For each ``[MASK]`` in ``text``, the ``k`` most probable tokens with their probabilities."""
     mask_id = special_token_ids(tokenizer)["[MASK]"]
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
-    if mask_id not in ids:
+    pieces = text.split("[MASK]")
+    if len(pieces) < 2:
         raise ValueError(f"fill_mask needs a [MASK] in the text, got {text!r}")
+    # Each piece is encoded on its own and the mask id put between them: a character-level
+    # tokenizer would otherwise spell "[MASK]" out as six characters.
+    ids = []
+    for i, piece in enumerate(pieces):
+        ids += ([mask_id] if i else []) + tokenizer.encode(piece, add_special_tokens=False).ids
+    limit = model.config.max_seq_len
+    if len(ids) > limit:  # keep the end of a long text (a small context); the mask must stay in it
+        ids = ids[-limit:]
+        if mask_id not in ids:
+            raise ValueError(f"the [MASK] of {text!r} lies outside the model's last {limit} tokens; shorten the text")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -1,0 +1,242 @@
+"""The capstone trainer: configs, data cache, metrics, resume refusal, and exact resume after SIGKILL."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain_lib.capstone import checkpoint as ckpt
+from pretrain_lib.capstone.config import ConfigError, config_from_dict, exactness_differences, load_config
+from pretrain_lib.capstone.data import data_fingerprint, prepare_data, train_char_tokenizer
+from pretrain_lib.data.tokenizer import encode_texts
+from pretrain_lib.train import run
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.toml"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("capstone-data")
+
+
+def tiny(out_dir, cache_dir, **train) -> dict:
+    """A model small enough for a few dozen steps in seconds; dropout on, so the RNG matters."""
+    return {"out_dir": str(out_dir), "seed": 7,
+            "model": {"n_layers": 1, "n_heads": 2, "d_model": 32, "seq_len": 16, "dropout": 0.1},
+            "data": {"corpus": "shakespeare", "max_docs": 1, "tokenizer": "char", "cache_dir": str(cache_dir)},
+            "train": {"steps": 24, "batch_size": 4, "warmup_steps": 3, "log_every": 1, "eval_every": 8,
+                      "eval_batches": 2, "sample_tokens": 0, "lr": 3e-3, **train},
+            "checkpoint": {"every": 4, "keep": 2}}
+
+
+def read_metrics(out_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
+
+
+# ----------------------------------------------------------------------------- configs
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.out_dir and cfg.train.steps > 0 and cfg.checkpoint.keep >= 1
+
+
+def test_the_shipped_configs_are_the_four_of_the_issue():
+    assert {p.stem for p in CONFIGS} >= {"gpt-char-tiny", "gpt-bpe-small", "bert-small", "gpt2-124m"}
+
+
+def test_gpt_char_tiny_is_nanogpts_cpu_example():
+    c = load_config(REPO / "configs" / "gpt-char-tiny.toml")
+    assert (c.model.n_layers, c.model.n_heads, c.model.d_model, c.model.seq_len, c.model.dropout) == (4, 4, 128, 64, 0)
+    t = c.train
+    assert (t.batch_size, t.steps, t.lr, t.min_lr, t.warmup_steps, t.beta2, t.grad_clip) == \
+        (12, 2000, 1e-3, 1e-4, 100, 0.99, 1.0)
+    assert (c.data.tokenizer, c.data.val_fraction, c.data.corpus) == ("char", 0.1, "shakespeare")
+
+
+def test_an_unknown_key_names_itself_and_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown key train\.stpes \(did you mean 'steps'\?\).*batch_size.*steps"):
+        config_from_dict({"train": {"stpes": 5}})
+    with pytest.raises(ConfigError, match=r"unknown key learning_rate; valid keys are: .*out_dir"):
+        config_from_dict({"learning_rate": 1})
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"train": {"steps": "100"}}, r"train\.steps must be int, got '100' \(str\)"),
+    ({"train": {"steps": 1.5}}, r"train\.steps must be int"),
+    ({"train": {"steps": True}}, r"train\.steps must be int"),
+    ({"train": {"steps": 0}}, r"train\.steps must be a positive integer, got 0"),
+    ({"train": {"min_lr": 1.0, "lr": 0.1}}, r"train\.min_lr must lie in \[0, train\.lr=0\.1\]"),
+    ({"train": {"warmup_steps": 50, "steps": 50}}, r"warmup_steps=50 must be smaller than train\.steps=50"),
+    ({"model": {"d_model": 130, "n_heads": 4}}, r"d_model=130 is not divisible by model\.n_heads=4"),
+    ({"model": {"kind": "t5"}}, r"model\.kind must be one of 'gpt', 'bert'; got 't5'"),
+    ({"data": {"tokenizer": "bpe"}}, r"needs data\.vocab_size >= 261"),
+    ({"data": {"corpus": "folder"}}, r"needs data\.folder"),
+    ({"parallel": "zero9"}, r"parallel must be one of 'none', 'ddp', 'fsdp'"),
+    ({"model": 3}, r"\[model\] must be a table"),
+])
+def test_wrong_types_and_impossible_values_say_which_and_why(table, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(table)
+
+
+def test_set_overrides_one_key_with_toml_values():
+    c = config_from_dict({}, ["train.steps=300", "parallel=ddp", "train.lr=2e-3", "allow_config_change=true",
+                              'out_dir="x y"'])
+    assert (c.train.steps, c.parallel, c.train.lr, c.allow_config_change, c.out_dir) == (300, "ddp", 2e-3, True, "x y")
+    with pytest.raises(ConfigError, match="key=value"):
+        config_from_dict({}, ["train.steps"])
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        config_from_dict({}, ["trian.steps=3"])
+
+
+def test_exactness_differences_list_only_the_keys_that_break_a_resume():
+    a = config_from_dict({}).to_dict()
+    b = config_from_dict({"train": {"steps": 5000, "log_every": 1, "batch_size": 16},
+                          "model": {"d_model": 64}}).to_dict()
+    assert exactness_differences(a, b) == ["model.d_model: 128 -> 64", "train.batch_size: 12 -> 16"]
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_char_tokenizer_round_trips_and_reserves_the_special_ids():
+    text = "To be, or not\tto be:\nthat is the question.\n"
+    tok = train_char_tokenizer([text])
+    ids = encode_texts(tok, [text])[0]
+    assert len(ids) == len(text) and min(ids) >= 6
+    assert tok.decode(ids) == text
+    assert tok.get_vocab_size() == 6 + len(set(text))
+    assert tok.encode("Z", add_special_tokens=False).ids == [tok.token_to_id("[UNK]")]
+
+
+def test_data_is_prepared_once_and_cached_by_fingerprint(cache_dir):
+    cfg = config_from_dict(tiny("unused", cache_dir))
+    first = prepare_data(cfg.data, verbose=False)
+    stamp = (first.folder / "meta.json").stat().st_mtime_ns
+    again = prepare_data(cfg.data, verbose=False)
+    assert again.folder == first.folder and (first.folder / "meta.json").stat().st_mtime_ns == stamp
+    meta = first.meta
+    assert meta["train_tokens"] + meta["val_tokens"] == meta["tokens"]
+    assert abs(meta["val_tokens"] / meta["tokens"] - 0.1) < 1e-3
+    other = config_from_dict({**tiny("unused", cache_dir), "data": {**tiny("u", cache_dir)["data"], "max_docs": 2}})
+    assert data_fingerprint(other.data) != first.fingerprint
+
+
+# ----------------------------------------------------------------------------- runs in this process
+
+def test_a_run_logs_metrics_evaluates_and_checkpoints(tmp_path, cache_dir):
+    result = run(config_from_dict(tiny(tmp_path / "run", cache_dir)), verbose=False)
+    lines = read_metrics(tmp_path / "run")
+    steps = [ln["step"] for ln in lines if "loss" in ln]
+    assert steps == list(range(1, 25))
+    assert [ln["step"] for ln in lines if "val_loss" in ln] == [8, 16, 24] == result.eval_steps
+    assert result.val_losses[-1] < result.val_losses[0], "validation loss must fall over the run"
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [20, 24]
+    assert len(result.losses) == 24 and result.steps == 24
+
+
+def test_a_resume_that_changes_the_batch_is_refused_listing_the_keys(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    run(config_from_dict(tiny(out, cache_dir, steps=8)), verbose=False)
+    changed = tiny(out, cache_dir, steps=12, batch_size=8)
+    changed["model"]["d_ff"] = 64
+    with pytest.raises(ckpt.CheckpointError, match=r"(?s)refusing to resume.*model\.d_ff: 0 -> 64.*"
+                                                   r"train\.batch_size: 4 -> 8.*allow_config_change=true"):
+        run(config_from_dict(changed), resume=True, verbose=False)
+    # Extending the run is not an exactness change: it resumes.
+    longer = run(config_from_dict(tiny(out, cache_dir, steps=12)), resume=True, verbose=False)
+    assert longer.start_step == 8 and longer.steps == 12
+    forced = run(config_from_dict({**tiny(out, cache_dir, steps=16, batch_size=8), "allow_config_change": True}),
+                 resume=True, verbose=False)
+    assert forced.start_step == 12 and forced.steps == 16
+
+
+def test_a_full_disk_fails_before_any_step(tmp_path, cache_dir, monkeypatch):
+    class Usage:
+        free = 1000
+
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: Usage())
+    with pytest.raises(ckpt.CheckpointError, match="MiB free but the checkpoints need"):
+        run(config_from_dict(tiny(tmp_path / "run", cache_dir)), verbose=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_bert_trains_with_dynamic_masking(tmp_path, cache_dir):
+    cfg = tiny(tmp_path / "bert", cache_dir, steps=16)
+    cfg["model"]["kind"] = "bert"
+    result = run(config_from_dict(cfg), verbose=False)
+    assert len(result.val_losses) == 2 and result.val_losses[-1] < result.val_losses[0]
+
+
+# ----------------------------------------------------------------------------- exact resume after SIGKILL
+
+def _launch(config_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COURSE_HEADLESS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pretrain_lib.train", "--config", str(config_path), *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _write_toml(path: Path, table: dict) -> Path:
+    lines = []
+    for key, value in table.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {json.dumps(value)}")
+    for section, values in table.items():
+        if isinstance(values, dict):
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _losses(out_dir) -> dict[int, float]:
+    return {ln["step"]: ln["loss"] for ln in read_metrics(out_dir) if "loss" in ln}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    folder = tmp_path_factory.mktemp("reference")
+    config = _write_toml(folder / "ref.toml", tiny(folder / "out", cache_dir, steps=60))
+    proc = _launch(config)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return folder / "out"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, cache_dir, uninterrupted, num_workers):
+    table = tiny(tmp_path / "out", cache_dir, steps=60)
+    table["data"]["num_workers"] = num_workers
+    config = _write_toml(tmp_path / "run.toml", table)
+    proc = _launch(config)
+    kill_after = 21 + 6 * num_workers   # an arbitrary step, not a checkpoint step
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.is_file() and sum(1 for _ in metrics.open()) >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
+    killed_at = max(_losses(tmp_path / "out"))
+    assert killed_at < 60
+    resumed = _launch(config, "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert "resumed from ckpt_" in out
+    reference, after = _losses(uninterrupted), _losses(tmp_path / "out")
+    assert sorted(after) == list(range(1, 61)), "every step logged once, none twice"
+    assert after == reference, "a killed and resumed run must give the same loss at every step, bit for bit"
+    final_a = ckpt.load_checkpoint(uninterrupted / "ckpt_00000060.pt")
+    final_b = ckpt.load_checkpoint(tmp_path / "out" / "ckpt_00000060.pt")
+    assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
+    assert final_a["loader"] == final_b["loader"] and final_a["tokens_seen"] == final_b["tokens_seen"]
