@@ -7,7 +7,8 @@
 
 Modules: ``core`` (the Monitor and its JSONL / TensorBoard sinks), ``norms`` (per-layer
 norms in one fused pass), ``detect`` (spike detector, sanity checks), ``peak`` (peak FLOP/s
-table and the measured probe, MFU), ``plot`` (dashboard and live view).
+table and the measured probe, MFU), ``plot`` (dashboard and live view), ``reads``
+(counting host reads; the source chapter's per-parameter norm, kept to measure it).
 """
 from .core import Monitor, read_jsonl
 from .detect import (RollingZScore, check_initial_loss, check_overfits_one_batch, expected_initial_loss,
@@ -15,8 +16,9 @@ from .detect import (RollingZScore, check_initial_loss, check_overfits_one_batch
 from .norms import LayerIndex, grad_norms, layer_of
 from .peak import datasheet_peak, measure_peak_flops, mfu, peak_flops, peak_flops_info
 from .plot import LiveDashboard, plot_records, plot_run
+from .reads import SourceStyleRecorder, count_host_reads, source_style_grad_norm
 
 __all__ = ["Monitor", "read_jsonl", "RollingZScore", "rolling_spikes", "expected_initial_loss",
            "check_initial_loss", "check_overfits_one_batch", "LayerIndex", "grad_norms", "layer_of",
            "datasheet_peak", "measure_peak_flops", "mfu", "peak_flops", "peak_flops_info", "LiveDashboard",
-           "plot_records", "plot_run"]
+           "plot_records", "plot_run", "SourceStyleRecorder", "count_host_reads", "source_style_grad_norm"]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .detect import RollingZScore
-from .norms import LayerIndex, fused_norms, grad_norms
+from .norms import LayerIndex, fused_norms, layer_matrix, param_grad_norms
 from .peak import mfu as compute_mfu
 from .peak import peak_flops_info
 
@@ -108,14 +108,9 @@ class Monitor:
             self._start(state)
         self._write_held()
         result = state.last
-        per_layer = None
-        if not result.skipped:
-            _, per_layer = grad_norms(self._index)
-            clip = state.config.grad_clip
-            if clip is not None:  # the grads in place are clipped: undo the clip factor for pre-clip norms
-                coef = torch.clamp(clip / (result.grad_norm.float().to(per_layer.device) + 1e-6), max=1.0)
-                per_layer = per_layer / coef
-        self._pending.append((state.step, float(state.lr), result, per_layer))
+        # only one fused norm call per step here; layers and the clip factor are worked out per window
+        norms = None if result.skipped else param_grad_norms(self._index)
+        self._pending.append((state.step, float(state.lr), result, norms))
         self._t_step_end = time.perf_counter()
         if self._is_logged(state.config, state.step):
             self._log(state)
@@ -187,6 +182,8 @@ class Monitor:
         model = _model_of(state.model)
         self._index = LayerIndex(model)
         self._device = self._index.params[0].device
+        self._layer_matrix = layer_matrix(self._index, self._device)
+        self._clip = state.config.grad_clip
         if self.flops_per_token is None:
             count = getattr(model, "flops_per_token", None)
             if count is None:
@@ -231,8 +228,11 @@ class Monitor:
         dev = self._device
         losses = torch.stack([r.loss.float().to(dev) for _, _, r, _ in self._pending])
         norms = torch.stack([r.grad_norm.float().to(dev) for _, _, r, _ in self._pending])
-        nan_row = torch.full((n_layers,), float("nan"), device=dev)
-        layers = torch.stack([p if p is not None else nan_row for _, _, _, p in self._pending])
+        nan_row = torch.full((len(self._index.params),), float("nan"), device=dev)
+        per_param = torch.stack([p if p is not None else nan_row for _, _, _, p in self._pending])
+        layers = (per_param.square() @ self._layer_matrix).sqrt()  # (steps, layers)
+        if self._clip is not None:  # the grads in place were clipped: undo the clip factor for pre-clip norms
+            layers = layers / torch.clamp(self._clip / (norms + 1e-6), max=1.0)[:, None]
         parts = [losses, norms, layers.flatten()]
         if self._snapshot is not None:
             params = self._index.params

@@ -62,6 +62,27 @@ def fused_norms(tensors: Sequence[torch.Tensor], layer_ids: torch.Tensor, n_laye
     return _per_layer(norms, layer_ids, n_layers)
 
 
+def param_grad_norms(index: LayerIndex) -> torch.Tensor | None:
+    """``(n_params,)`` L2 norm of each parameter's gradient (0 where there is none), one fused
+    call; the cheapest thing to record every step. None when no parameter has a gradient."""
+    grads = [p.grad for p in index.params]
+    if all(g is not None for g in grads):
+        return torch.stack(torch._foreach_norm(grads)).float()
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return None
+    norms = torch.zeros(len(grads), device=index.params[0].device)
+    norms[present] = torch.stack(torch._foreach_norm([grads[i] for i in present])).float()
+    return norms
+
+
+def layer_matrix(index: LayerIndex, device: torch.device) -> torch.Tensor:
+    """``(n_params, n_layers)`` 0/1 matrix: squared parameter norms @ it = squared layer norms."""
+    onehot = torch.zeros(len(index.params), len(index), device=device)
+    onehot[torch.arange(len(index.params)), index.layer_ids] = 1.0
+    return onehot
+
+
 def grad_norms(index: LayerIndex) -> tuple[torch.Tensor, torch.Tensor]:
     """``(global_norm, per_layer_norms)`` of the gradients in place, as tensors.
 
