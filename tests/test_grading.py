@@ -1,8 +1,9 @@
-"""The nbval grader: cannot be fooled by stored outputs, survives bad submissions, writes a gradebook.
+"""The grader: sandboxed, verdicts the kernel cannot forge, answers found by name, clear feedback.
 
-Most tests use a tiny fixture exercise (tests/fixtures/grading/solutions/99_toy.ipynb, no torch)
-so a submission grades in about two seconds; the tests on the real Chapter 1 exercise run
-four students in one class run.
+Most tests use a tiny fixture exercise (tests/fixtures/grading/solutions/99_toy.ipynb, no torch;
+its hidden probes are tests/fixtures/grading/probes/99_toy.py) so a submission grades in about
+three seconds. One class run grades honest, sloppy, cheating and hostile students together;
+the real Chapter 1 and Chapter 3 exercises are graded once each.
 """
 from __future__ import annotations
 
@@ -10,25 +11,34 @@ import copy
 import csv
 import hashlib
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import nbformat
 import pytest
 
 from conftest import REPO
+from pretrain_lib.grading import layout
 from pretrain_lib.grading.build import build_all, stub_source
 from pretrain_lib.grading.checks import check, fmt
-from pretrain_lib.grading.grader import (NotANotebook, assemble, exercise_checks, grade_notebook, load_exercise,
-                                         read_submission)
-from pretrain_lib.grading.gradebook import grade_class
+from pretrain_lib.grading.grader import NotANotebook, assemble, grade_notebook, read_submission
+from pretrain_lib.grading.gradebook import find_submissions, grade_class, load_exercises
+from pretrain_lib.grading.reference import load_exercise
+from pretrain_lib.grading.review import review_source
+from pretrain_lib.grading.sandbox import bwrap_problem, parse_size, status_line
 
-FIXTURE_SOLUTION = REPO / "tests" / "fixtures" / "grading" / "solutions" / "99_toy.ipynb"
+FIXTURES = REPO / "tests" / "fixtures" / "grading"
+FIXTURE_SOLUTION = FIXTURES / "solutions" / "99_toy.ipynb"
 TOY = "99_toy"
 TOY_MAX = 7          # 1 + 2 + 3 + 1
 TOY_FREE = 1         # the check that needs no answer
+SANDBOXED = bwrap_problem() is None
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -39,6 +49,11 @@ def toy_exercises(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exercises")
     build_all(FIXTURE_SOLUTION.parent, out, names=[TOY])
     return out
+
+
+@pytest.fixture(scope="module")
+def toy(toy_exercises):
+    return load_exercise(toy_exercises / f"{TOY}.ipynb", FIXTURE_SOLUTION.parent)
 
 
 def _answer(nb, cell_id: str, source: str):
@@ -71,6 +86,14 @@ def _tree_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _cell(source: str, tags=("answer",), cell_id=None):
+    c = nbformat.v4.new_code_cell(source)
+    c.metadata["tags"] = list(tags)
+    if cell_id:
+        c.id = cell_id
+    return c
+
+
 # --- units -----------------------------------------------------------------------------------------
 
 def test_checks_print_one_deterministic_line(capsys):
@@ -94,44 +117,94 @@ def test_stub_source_keeps_code_outside_markers():
         stub_source("# BEGIN SOLUTION\nx = 1\n")
 
 
-def test_built_exercise_keeps_reference_outputs_without_stderr(toy_exercises):
-    ex = load_exercise(toy_exercises / f"{TOY}.ipynb")
-    assert ex.metadata["course"]["exercise_id"] == TOY
-    checks = exercise_checks(ex)
-    assert [c.name for c in checks] == ["add small integers", "mean of four numbers",
-                                        "expected masks in 512 tokens", "needs no answer"]
-    assert sum(c.max_points for c in checks) == TOY_MAX
-    check_cells = [c for c in ex.cells if "check" in c.metadata.get("tags", [])]
+def test_built_exercise_has_check_ids_defines_and_no_solution(toy, toy_exercises):
+    assert [c.check_id for c in toy.checks] == ["add", "mean", "ratio", "free"]
+    assert [c.title for c in toy.checks][:2] == ["add small integers", "mean of four numbers"]
+    assert sum(c.max_points for c in toy.checks) == TOY_MAX
+    assert list(toy.defines.values()) == [["add"], ["mean"], ["ratio"]]
+    assert [c.answer for c in toy.checks] == ["add", "mean", "ratio", None]
+    check_cells = [c for c in toy.notebook.cells if "check" in c.metadata.get("tags", [])]
     assert all(c.execution_count for c in check_cells), "nbval only compares cells with an execution count"
     assert not any(o.get("name") == "stderr" for c in check_cells for o in c.outputs)
-    assert "mean([0.1, 0.2]) = 0.15" in checks[1].expected
-    assert "return a + b" not in json.dumps(ex)          # the solution does not leak into the exercise
+    assert "mean([0.1, 0.2]) = 0.15" in toy.checks[1].expected
+    assert "return a + b" not in (toy_exercises / f"{TOY}.ipynb").read_text()
+    for path in sorted((REPO / "exercises").glob("*.ipynb")):   # every course check has a probe and an id
+        ex = load_exercise(path)
+        assert ex.probe_source and ex.solution and len({c.check_id for c in ex.checks}) == len(ex.checks)
 
 
-def test_assemble_uses_only_answer_cells(toy_exercises):
-    ex = load_exercise(toy_exercises / f"{TOY}.ipynb")
-    student = _answer(ex, "answer-add", "def add(a, b):\n    return a - b")
-    student = _answer(student, "check-add", 'print("PASS add small integers")')   # edited check: ignored
-    next(c for c in student.cells if c.id == "check-add").outputs = []
-    graded, notes = assemble(ex, student)
-    by_id = {c.id: c for c in graded.cells}
-    assert by_id["answer-add"].source == "def add(a, b):\n    return a - b"
-    assert by_id["check-add"].source == next(c for c in ex.cells if c.id == "check-add").source
-    assert by_id["check-add"].outputs == next(c for c in ex.cells if c.id == "check-add").outputs
-    assert notes == []
-    # ids lost: answers are matched by order; a deleted answer is reported
-    renamed = copy.deepcopy(_solution())
-    answers = [c for c in renamed.cells if "answer" in c.metadata.get("tags", [])]
-    for i, c in enumerate(answers):
-        c.id = f"renamed-{i}"
-    renamed.cells.remove(answers[1])
-    graded, notes = assemble(ex, renamed)
-    assert {c.id: c.source for c in graded.cells}["answer-add"] == answers[0].source
-    assert any("missing" in n for n in notes) and any("not found by id" in n for n in notes)
-    # patching the checker from an answer cannot be stopped in the kernel; it is flagged for review
-    cheat = _answer(ex, "answer-add", "import pretrain_lib.grading.checks as c\nc.check = lambda n, f: print('PASS', n)")
-    assert any(n.startswith("REVIEW: answer cell 1") for n in assemble(ex, cheat)[1])
-    assert not any(n.startswith("REVIEW") for n in assemble(ex, _solution())[1])
+def test_assembled_notebook_holds_no_expected_output_and_a_probe_per_check(toy):
+    built = assemble(toy, _solution(), seed=123)
+    text = json.dumps(built.notebook)
+    assert "PASS add small integers" not in text and "mean([0.1, 0.2]) = 0.15" not in text
+    probes = [c for c in built.notebook.cells if c.metadata.get("grading_probe")]
+    assert [p.metadata["grading_probe"] for p in probes] == [["add"], ["mean"], ["ratio"], ["free"]]
+    assert built.notes == [] and built.missing == set()
+
+
+def test_answers_are_matched_by_the_names_they_define(toy):
+    sol = _solution()
+    by_id = {c.id: c for c in sol.cells}
+    add, mean, ratio = (by_id[i].source for i in ("answer-add", "answer-mean", "answer-ratio"))
+    # split: a helper cell and the function in a second cell, both tagged answer, new ids
+    split = copy.deepcopy(sol)
+    i = next(n for n, c in enumerate(split.cells) if c.id == "answer-add")
+    split.cells[i].source = "def _plus(a, b):\n    return a + b"
+    split.cells.insert(i + 1, _cell("def add(a, b):\n    return _plus(a, b)", cell_id="new-id"))
+    m = layout.match_answers(toy.notebook.cells, split.cells)
+    assert "_plus" in m.sources["answer-add"] and "return _plus" in m.sources["answer-add"] and not m.missing
+    # merged into one cell; sections moved to the end with other ids and no tags
+    merged = copy.deepcopy(sol)
+    merged.cells = [c for c in merged.cells if c.id not in ("answer-add", "answer-mean", "answer-ratio")]
+    merged.cells += [_cell(mean + "\n" + add, tags=(), cell_id="x1"), _cell(ratio, tags=(), cell_id="x2"),
+                     _cell("print('scratch work')", tags=(), cell_id="x3")]
+    m = layout.match_answers(toy.notebook.cells, merged.cells)
+    assert not m.missing and m.sources["answer-add"].startswith("def mean") and m.sources["answer-mean"] == ""
+    assert [line for _, line in m.ignored] == ["print('scratch work')"]
+    # deleted: reported by the name it defines
+    deleted = copy.deepcopy(sol)
+    deleted.cells = [c for c in deleted.cells if c.id != "answer-mean"]
+    built = assemble(toy, deleted, seed=1)
+    assert built.missing == {"mean"} and any("`mean`" in n and "not answered" in n for n in built.notes)
+
+
+ATTACKS = {
+    # answer source: what must be flagged (a fragment of the REVIEW reason)
+    "obfuscated_print": ("b = __import__('built' + 'ins')\nsetattr(b, 'pr' + 'int', lambda *a, **k: None)", "__import__"),
+    "getattr_print": ("import sys\ng = getattr(sys.modules['builtins'], 'print')", "sys.modules"),
+    "checks_module": ("import sys\nsys.modules['pretrain_lib.grading.checks'].check = lambda n, f: print('PASS', n)",
+                      "sys.modules"),
+    "allclose": ("np.allclose = lambda *a, **k: True", "np.allclose"),
+    "torch_allclose": ("import torch as t\nt.allclose = lambda *a, **k: True", "t.allclose"),
+    "hooks": ("get_ipython().events.register('post_run_cell', lambda r: None)", "get_ipython"),
+    "magic_run": ("%run ../solutions/01_objectives.ipynb", "get_ipython"),
+    "solution_file": ("import pretrain_lib, json\nnb = json.load(open(pretrain_lib.__file__ + '/../../solutions/x'))",
+                      "pretrain_lib"),
+    "globals_launcher": ("globals()['run_torchrun'] = lambda *a, **k: None", "globals"),
+    "exec_string": ("exec('print' + '(1)')", "exec"),
+    "fork_setsid": ("import os\nif os.fork() == 0:\n    os.setsid()", "os.fork"),
+    "thread": ("import threading\nthreading.Thread(target=print).start()", "threading"),
+    "library_impl": ("from pretrain_lib.objectives import mlm_loss as mlm_loss", "library"),
+    "redefine_check": ("def check(name, cond):\n    print('PASS', name)", "check"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_forbidden_shortcuts_are_flagged_from_the_syntax_tree(name):
+    source, fragment = ATTACKS[name]
+    reasons = review_source(source, forbidden={"mlm_loss", "pretrain_lib.objectives"}, modules={"np"})
+    assert reasons and any(fragment in r for r in reasons), reasons
+
+
+def test_honest_answers_are_not_flagged():
+    assert review_source("# uses __import__ and exec only in a comment\ns = 'globals()'\nx = [1].copy()") == []
+    for path in sorted((REPO / "exercises").glob("*.ipynb")):
+        ex = load_exercise(path)
+        sol = nbformat.read(ex.solution, as_version=4)
+        for cell in sol.cells:
+            if "answer" in cell.metadata.get("tags", []):
+                assert review_source(cell.source, forbidden=ex.forbidden, modules=ex.module_names) == [], \
+                    (path.name, cell.id)
 
 
 def test_read_submission_says_what_is_wrong(tmp_path):
@@ -144,48 +217,48 @@ def test_read_submission_says_what_is_wrong(tmp_path):
         read_submission(bad)
 
 
+def test_newest_copy_is_graded_and_the_other_named(toy_exercises, tmp_path):
+    exercises = load_exercises(toy_exercises, FIXTURE_SOLUTION.parent)
+    old = _write(_solution(), tmp_path / "s" / "dana" / f"{TOY}.ipynb")
+    new = _write(_solution(), tmp_path / "s" / "dana" / f"{TOY} (1).ipynb")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    found, ignored = find_submissions(tmp_path / "s", exercises)
+    assert found["dana"][TOY] == new and ignored[("dana", TOY)] == [old]
+
+
+def test_sizes_and_the_unsandboxed_warning():
+    assert parse_size("512M") == 512 * 2**20 and parse_size("2g") == 2 * 2**30
+    with pytest.raises(ValueError, match="below 64M"):
+        parse_size("1M")
+    line = status_line(2**30, sandboxed=False)
+    assert line.startswith("WARNING: NOT SANDBOXED") and "read and write your files" in line and "\n" not in line
+
+
 # --- one submission ------------------------------------------------------------------------------
 
-def test_solution_full_marks_untouched_and_forged_score_only_the_free_check(toy_exercises, tmp_path):
-    exercise = toy_exercises / f"{TOY}.ipynb"
-    full = grade_notebook(FIXTURE_SOLUTION, exercise)
-    assert (full.status, full.points, full.max_points) == ("graded", TOY_MAX, TOY_MAX)
-    assert all(c.passed for c in full.checks)      # incl. the check that writes a warning to stderr
-
-    untouched = grade_notebook(exercise, exercise)
+def test_solution_full_marks_untouched_and_forged_score_only_the_free_check(toy, toy_exercises, tmp_path):
+    full = grade_notebook(FIXTURE_SOLUTION, toy)
+    assert (full.status, full.points, full.max_points) == ("graded", TOY_MAX, TOY_MAX), full.notes
+    untouched = grade_notebook(toy_exercises / f"{TOY}.ipynb", toy)
     assert untouched.status == "graded" and untouched.points == TOY_FREE
-    assert [c.passed for c in untouched.checks] == [False, False, False, True]
-
-    # stubs, every check cell's stored output copied from the solution, check sources edited to print PASS
-    forged = nbformat.read(exercise, as_version=4)
+    assert "NotImplementedError" in untouched.checks[0].hidden
+    # stubs, check cells edited to print the solution's PASS lines, an answer that prints them too
+    forged = nbformat.read(toy_exercises / f"{TOY}.ipynb", as_version=4)
     for cell in forged.cells:
         if "check" in cell.metadata.get("tags", []):
             cell.source = "\n".join(f"print({line!r})" for line in cell.outputs[0]["text"].splitlines())
-    forged.metadata["course"]["exercise_id"] = TOY
-    result = grade_notebook(_write(forged, tmp_path / f"{TOY}.ipynb"), exercise)
+    result = grade_notebook(_write(forged, tmp_path / f"{TOY}.ipynb"), toy)
     assert result.status == "graded" and result.points == TOY_FREE
 
 
-def test_partial_answer_gets_exactly_its_points(toy_exercises, tmp_path):
-    exercise = toy_exercises / f"{TOY}.ipynb"
-    partial = _answer(_solution(), "answer-mean", "def mean(xs):\n    return 0.0")
-    result = grade_notebook(_write(partial, tmp_path / f"{TOY}.ipynb"), exercise, student="p")
-    assert result.status == "graded"
-    assert result.points == 1 + 3 + 1
-    failed = [c for c in result.checks if not c.passed]
-    assert [c.check.name for c in failed] == ["mean of four numbers"]
-    assert "FAIL mean of four numbers (wrong result)" in failed[0].produced
-
-
-def test_whole_notebook_limit_stops_a_slow_submission(toy_exercises, tmp_path):
+def test_whole_notebook_limit_stops_a_slow_submission(toy, tmp_path):
     """Two answers sleep 3 s: no cell reaches its 4.5 s limit, the notebook passes its 5 s one."""
     slow = _solution()
     for cid in ("answer-mean", "answer-ratio"):
         cell = next(c for c in slow.cells if c.id == cid)
         cell.source = "import time\ntime.sleep(3)\n" + cell.source.replace("# BEGIN SOLUTION\n", "").replace(
             "# END SOLUTION", "")
-    result = grade_notebook(_write(slow, tmp_path / f"{TOY}.ipynb"), toy_exercises / f"{TOY}.ipynb",
-                            timeout_s=5, cell_timeout_s=4.5)
+    result = grade_notebook(_write(slow, tmp_path / f"{TOY}.ipynb"), toy, timeout_s=5, cell_timeout_s=4.5)
     assert result.status == "timeout"
     assert result.seconds < 5 + 15
     assert result.checks[0].passed and not result.checks[-1].passed   # checks done before the limit keep their points
@@ -194,6 +267,7 @@ def test_whole_notebook_limit_stops_a_slow_submission(toy_exercises, tmp_path):
 
 # --- a class --------------------------------------------------------------------------------------
 
+STUB_ADD = "def add(a, b):\n    raise NotImplementedError"
 BAD_STUDENTS = {
     # name: (answer cell, source) replacing one answer of the solution
     "loops_forever": ("answer-add", "while True:\n    try:\n        pass\n    except BaseException:\n        pass"),
@@ -202,21 +276,92 @@ BAD_STUDENTS = {
     "huge_output": ("answer-add", "print('x' * 20_000_000)\nfor i in range(200_000):\n    print(i)\n"
                                   "def add(a, b):\n    return a + b"),
     "vandal": ("answer-add", "import os, shutil\nopen('planted.txt', 'w').write('x')\n"
-                             "shutil.rmtree('exercises', ignore_errors=True)\n"
                              "for f in os.listdir('.'):\n    os.remove(f) if os.path.isfile(f) else None\n"
                              "def add(a, b):\n    return a + b"),
 }
+# cheats on top of the untouched exercise (every answer a stub): any point beyond the free one is forged
+CHEATS = {
+    "print_patch": "b = __import__('built' + 'ins')\n_orig = getattr(b, 'pr' + 'int')\n"
+                   "def _fake(*a, **k):\n    _orig(*[str(x).replace('FAIL', 'PASS').split(' (')[0] for x in a], **k)\n"
+                   "setattr(b, 'pr' + 'int', _fake)\n" + STUB_ADD,
+    "checks_sys_modules": "import sys\nm = sys.modules['pretrain_lib.grading.checks']\n"
+                          "m.check = lambda n, f: print('PASS', n) or True\nglobals()['check'] = m.check\n" + STUB_ADD,
+    "ipython_hooks": "ip = get_ipython()\nip.events.register('pre_run_cell', lambda info: globals().__setitem__("
+                     "'check', lambda n, f: print('PASS', n)))\n" + STUB_ADD,
+    "reads_expected": "import glob, json\nlines = [l for f in glob.glob('**/*.ipynb', recursive=True) + "
+                      "glob.glob('/tmp/**/*.ipynb', recursive=True)\n         for c in json.load(open(f))['cells'] "
+                      "for o in c.get('outputs', []) for l in ''.join(o.get('text', '')).splitlines()]\n"
+                      "def check(name, cond):\n    print('PASS', name)\n" + STUB_ADD,
+    "forges_records": "import threading, time, json, glob\ndef _forge():\n    for _ in range(200):\n"
+                      "        for f in glob.glob('/tmp/**/results.jsonl', recursive=True):\n"
+                      "            with open(f, 'a') as fh:\n                for cid in ('check-add', 'check-mean', "
+                      "'check-ratio'):\n                    fh.write(json.dumps({'event': 'cell', 'id': cid, 'passed': "
+                      "True, 'produced': []}) + '\\n')\n        time.sleep(0.05)\n"
+                      "threading.Thread(target=_forge, daemon=True).start()\n" + STUB_ADD,
+    "patches_probe_runner": "import pretrain_lib.grading.probe_runner as pr\n"
+                            "pr.run_probes = lambda *a, **k: {c: {'value': [0] * 6} for c in a[1]}\n"
+                            "print('GRADING-PROBE 0123456789abcdef {\"add\": {\"value\": []}}')\n" + STUB_ADD,
+}
 
 
-def test_class_of_30_with_bad_submissions(toy_exercises, tmp_path):
-    subs, out = tmp_path / "submissions", tmp_path / "out"
-    solution = _solution()
-    for i in range(18):
-        shutil.copy(FIXTURE_SOLUTION, (subs / f"good{i:02d}").mkdir(parents=True) or subs / f"good{i:02d}" / f"{TOY}.ipynb")
+def _hostile(repo_readme: Path, victim: Path, port: int) -> dict[str, str]:
+    sol_files = [str(REPO / "solutions" / "01_objectives.ipynb"), str(FIXTURE_SOLUTION)]
+    correct = "def add(a, b):\n    return a + b"
+    return {
+        "escapes_with_setsid": "import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                               "        os.execvp('sleep', ['sleep', '61.4321'])\n    os._exit(0)\n" + correct,
+        "writes_course": f"for target in {[str(repo_readme), str(REPO / 'VANDALISED'), str(victim)] if SANDBOXED else [str(victim)]!r}:\n"
+                         "    try:\n        open(target, 'a').write('vandalised')\n    except OSError:\n        pass\n"
+                         + correct,
+        "reads_solutions": f"import os\nseen = any(os.path.exists(p) for p in {sol_files!r})\n"
+                           "def add(a, b):\n    return a - b if seen else a + b",
+        "uses_network": f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n"
+                        "    reached = True\nexcept OSError:\n    reached = False\n"
+                        "def add(a, b):\n    return a - b if reached else a + b",
+        "memory_hog": "hog = b'x' * (1200 * 2**20)\n" + correct,
+        "process_flood": "import subprocess\nprocs, limited = [], False\ntry:\n    for _ in range(400):\n"
+                         "        procs.append(subprocess.Popen(['sleep', '30']))\nexcept OSError:\n    limited = True\n"
+                         "for p in procs:\n    p.kill()\ndef add(a, b):\n    return a + b if limited else a - b",
+    }
+
+
+def _listener():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(5)
+    server.settimeout(0.2)
+    hits, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+                hits.append(1)
+                conn.close()
+            except OSError:
+                continue
+    threading.Thread(target=serve, daemon=True).start()
+    return server, hits, stop
+
+
+def _sleepers(tag: str) -> list:
+    import psutil
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if tag in " ".join(p.info.get("cmdline") or []):
+            found.append(p)
+    return found
+
+
+def test_class_of_honest_sloppy_cheating_and_hostile_students(toy_exercises, tmp_path):
+    subs, out, host_tmp = tmp_path / "submissions", tmp_path / "out", tmp_path / "host_tmp"
+    host_tmp.mkdir()
+    solution, exercise = _solution(), nbformat.read(toy_exercises / f"{TOY}.ipynb", as_version=4)
+    _write(solution, subs / "good0" / f"{TOY}.ipynb")
     for name, (cid, source) in BAD_STUDENTS.items():
         _write(_answer(solution, cid, source), subs / name / f"{TOY}.ipynb")
     _write(_answer(solution, "answer-mean", "def mean(xs):\n    return 0"), subs / "partial" / f"{TOY}.ipynb")
-    _write(nbformat.read(toy_exercises / f"{TOY}.ipynb", as_version=4), subs / "untouched" / f"{TOY}.ipynb")
+    _write(exercise, subs / "untouched" / f"{TOY}.ipynb")
     (subs / "invalid_json").mkdir()
     (subs / "invalid_json" / f"{TOY}.ipynb").write_text('{"cells": [{"cell_type": "code", "sour')
     (subs / "not_a_notebook").mkdir()
@@ -228,65 +373,107 @@ def test_class_of_30_with_bad_submissions(toy_exercises, tmp_path):
     renamed.metadata["course"] = {"exercise_id": TOY}
     _write(renamed, subs / "renamed_file" / "my copy of the exercise.ipynb")
     (subs / "nothing_submitted").mkdir()
-    assert len(list(subs.iterdir())) == 30
+    # layout: split cell, merged + moved + new ids + no tags, an old draft beside a newer copy
+    by_id = {c.id: c for c in solution.cells}
+    split = copy.deepcopy(solution)
+    i = next(n for n, c in enumerate(split.cells) if c.id == "answer-mean")
+    split.cells[i].source = "def _total(xs):\n    return sum(xs)"
+    split.cells.insert(i + 1, _cell("def mean(xs):\n    return _total(xs) / len(xs)", cell_id="split-2"))
+    _write(split, subs / "split_cell" / f"{TOY}.ipynb")
+    moved = copy.deepcopy(solution)
+    moved.cells = [c for c in moved.cells if not c.id.startswith("answer-")]
+    moved.cells += [_cell(by_id["answer-mean"].source + "\n\n" + by_id["answer-add"].source, tags=(), cell_id="m1"),
+                    _cell(by_id["answer-ratio"].source, cell_id="m2")]
+    _write(moved, subs / "merged_and_moved" / f"{TOY}.ipynb")
+    draft = _write(exercise, subs / "draft_and_copy" / f"{TOY}.ipynb")
+    _write(solution, subs / "draft_and_copy" / f"{TOY} (1).ipynb")
+    os.utime(draft, (time.time() - 3600, time.time() - 3600))
+    for name, source in CHEATS.items():
+        _write(_answer(exercise, "answer-add", source), subs / f"cheat_{name}" / f"{TOY}.ipynb")
+    hard = _answer(exercise, "answer-add", "def add(a, b):\n    return {(2, 3): 5, (-4, 1): -3}[(a, b)]")
+    hard = _answer(hard, "answer-mean", "def mean(xs):\n    return {(1, 2, 3, 4): 2.5, (0.1, 0.2): 0.15}[tuple(xs)]")
+    _write(hard, subs / "cheat_hardcoded" / f"{TOY}.ipynb")
+    _write(_answer(solution, "answer-mean", "from statistics import mean"), subs / "cheat_library" / f"{TOY}.ipynb")
+    server, hits, stop = _listener()
+    victim = subs / "good0" / f"{TOY}.ipynb"
+    for name, source in _hostile(REPO / "README.md", victim, server.getsockname()[1]).items():
+        _write(_answer(solution, "answer-add", source), subs / f"hostile_{name}" / f"{TOY}.ipynb")
     repo_before, subs_before = _tree_digest(REPO / "exercises"), _tree_digest(subs)
 
+    env = dict(os.environ, TMPDIR=str(host_tmp))
     run = subprocess.run([sys.executable, "-m", "pretrain_lib.grading", "grade", str(subs), "--out", str(out),
-                          "--jobs", "2", "--timeout", "60", "--cell-timeout", "8", "--exercises", str(toy_exercises)],
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
+                          "--jobs", "2", "--timeout", "60", "--cell-timeout", "8", "--memory-limit", "700M",
+                          "--exercises", str(toy_exercises), "--solutions", str(FIXTURE_SOLUTION.parent)],
+                         capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
+    stop.set()
+    (tmp_path / "grade.log").write_text(run.stdout + run.stderr)
     assert run.returncode == 1, run.stdout + run.stderr       # some could not be graded
+    assert run.stderr.splitlines()[0].startswith("sandbox: bubblewrap" if SANDBOXED else "WARNING: NOT SANDBOXED")
     rows = _rows(out)
-    assert len(rows) == 30
     status = {k.split("/")[0]: (r["status"], float(r["points"])) for k, r in rows.items()}
-    for i in range(18):
-        assert status[f"good{i:02d}"] == ("graded", TOY_MAX)
+    feedback = {s: (out / "feedback" / s / f"{TOY}.md").read_text() for s in status}
+    full = ("graded", TOY_MAX)
+    for name in ("good0", "huge_output", "vandal", "renamed_file",
+                 "split_cell", "merged_and_moved", "draft_and_copy", "hostile_escapes_with_setsid",
+                 "hostile_writes_course"):
+        assert status[name] == full, (name, feedback[name])
     assert status["loops_forever"][0] == "timeout"
     assert status["calls_sys_exit"] == ("graded", TOY_MAX - 1)   # SystemExit is an ordinary exception in a kernel
     assert status["calls_os_exit"][0] == "error"
-    assert status["huge_output"] == ("graded", TOY_MAX)
-    assert status["vandal"] == ("graded", TOY_MAX)
     assert status["partial"] == ("graded", TOY_MAX - 2)
     assert status["untouched"] == ("graded", TOY_FREE)
-    assert status["invalid_json"] == ("error", 0)
-    assert status["not_a_notebook"] == ("error", 0)
+    assert status["invalid_json"] == ("error", 0) and status["not_a_notebook"] == ("error", 0)
     assert status["deleted_answer"] == ("graded", TOY_MAX - 3)
-    assert status["renamed_file"] == ("graded", TOY_MAX)
     assert status["nothing_submitted"] == ("missing", 0)
-    assert rows[f"partial/{TOY}"][f"{TOY}: mean of four numbers"] == "0"
-    assert rows[f"partial/{TOY}"][f"{TOY}: expected masks in 512 tokens"] == "3"
+    # cheats: nothing beyond the free point, and flagged where the code reaches for the machinery
+    for name in CHEATS:
+        assert status[f"cheat_{name}"][1] <= TOY_FREE, (name, feedback[f"cheat_{name}"])
+        assert "REVIEW:" in feedback[f"cheat_{name}"] and f"review: cheat_{name}/{TOY}" in run.stderr
+    assert status["cheat_hardcoded"] == ("graded", TOY_FREE)   # right on the visible cases, wrong on hidden ones
+    assert "On the grader's hidden inputs" in feedback["cheat_hardcoded"]
+    assert "REVIEW:" in feedback["cheat_library"] and "statistics" in feedback["cheat_library"]
+    # hostile: nothing outside the scratch folder changed, nothing left running, nothing left in /tmp
+    assert _tree_digest(REPO / "exercises") == repo_before and _tree_digest(subs) == subs_before
+    assert b"vandalised" not in (REPO / "README.md").read_bytes() and not (REPO / "VANDALISED").exists()
+    assert list(host_tmp.iterdir()) == [], list(host_tmp.iterdir())
+    mem_row = status["hostile_memory_hog"]
+    assert mem_row[0] == "error" and "out of memory" in feedback["hostile_memory_hog"] or \
+        rows[f"hostile_memory_hog/{TOY}"][f"{TOY}: add"] == "0"
+    assert len(feedback["huge_output"]) < 20_000
+    if SANDBOXED:
+        assert not _sleepers("61.4321"), "a setsid grandchild outlived the sandbox"
+        assert status["hostile_reads_solutions"] == full and status["hostile_uses_network"] == full
+        assert hits == [], "a submission reached the host's network"
+        from pretrain_lib.grading.sandbox import _cgroup_root
+        if _cgroup_root() or os.getuid() != 0:
+            assert status["hostile_process_flood"] == full
+    for p in _sleepers("61.4321"):
+        p.kill()
+    # feedback an instructor can forward
+    assert "Score: 5 / 7" in feedback["partial"] and "`mean`" in feedback["partial"]
+    assert "On the grader's hidden inputs" in feedback["partial"]
+    assert "no cell of your notebook defines `ratio`" in feedback["deleted_answer"]
+    assert f"graded `{TOY} (1).ipynb`" in feedback["draft_and_copy"] and f"ignored: `{TOY}.ipynb`" in \
+        feedback["draft_and_copy"]
+    assert "not valid JSON" in feedback["invalid_json"] and "time limit" in feedback["loops_forever"]
     assert list(rows[f"partial/{TOY}"])[:5] == ["student", "exercise", "points", "max_points", "status"]
+    assert rows[f"partial/{TOY}"][f"{TOY}: mean"] == "0" and rows[f"partial/{TOY}"][f"{TOY}: ratio"] == "3"
     for name in ("loops_forever", "calls_os_exit", "invalid_json", "not_a_notebook"):
         assert f"{name}/{TOY}" in run.stderr
-    assert "good00" not in run.stderr
-    assert _tree_digest(REPO / "exercises") == repo_before and _tree_digest(subs) == subs_before
-
-    partial_md = (out / "feedback" / "partial" / f"{TOY}.md").read_text()
-    assert "Score: 5 / 7" in partial_md and "Expected:" in partial_md
-    assert "FAIL mean of four numbers (wrong result)" in partial_md
-    assert "not valid JSON" in (out / "feedback" / "invalid_json" / f"{TOY}.md").read_text()
-    assert "time limit" in (out / "feedback" / "loops_forever" / f"{TOY}.md").read_text()
-    assert "missing" in (out / "feedback" / "deleted_answer" / f"{TOY}.md").read_text()
-    assert len((out / "feedback" / "huge_output" / f"{TOY}.md").read_text()) < 20_000
+    assert "good0" not in run.stderr
 
     # a re-run keeps graded rows, regrades the rest and a resubmitted file
     _write(_answer(solution, "answer-mean", "def mean(xs):\n    return sum(xs) / len(xs)"),
            subs / "partial" / f"{TOY}.ipynb")
-    (subs / "loops_forever" / f"{TOY}.ipynb").unlink()
     shutil.copy(FIXTURE_SOLUTION, subs / "loops_forever" / f"{TOY}.ipynb")
-    (subs / "calls_os_exit" / f"{TOY}.ipynb").unlink()
-    (subs / "invalid_json" / f"{TOY}.ipynb").unlink()
-    (subs / "not_a_notebook" / f"{TOY}.ipynb").unlink()
     again = subprocess.run([sys.executable, "-m", "pretrain_lib.grading", "grade", str(subs), "--out", str(out),
-                            "--exercises", str(toy_exercises)], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "kept from an earlier run" in again.stdout
+                            "--exercises", str(toy_exercises), "--solutions", str(FIXTURE_SOLUTION.parent),
+                            "--only", TOY], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert "kept from an earlier run" in again.stdout, again.stdout + again.stderr
     rows = _rows(out)
-    assert len(rows) == 30
     assert rows[f"partial/{TOY}"]["points"] == str(TOY_MAX)
     assert rows[f"loops_forever/{TOY}"]["status"] == "graded"
-    assert rows[f"calls_os_exit/{TOY}"]["status"] == "missing"
-    graded_lines = [line for line in again.stdout.splitlines() if f" {TOY} " in line and "graded" in line]
-    assert len(graded_lines) == 2, again.stdout     # only the two changed submissions ran
+    assert list(host_tmp.iterdir()) == []
 
 
 def test_command_line_contract(toy_exercises, tmp_path):
@@ -296,13 +483,16 @@ def test_command_line_contract(toy_exercises, tmp_path):
 
     assert cli("grade", tmp_path / "nope", "--out", tmp_path / "o").returncode == 2
     assert cli("grade", tmp_path, "--out", tmp_path / "o", "--jobs", "0").returncode == 2
+    assert cli("grade", tmp_path, "--out", tmp_path / "o", "--memory-limit", "lots").returncode == 2
     assert cli("grade", tmp_path).returncode == 2                       # --out is required
-    checked = cli("check", FIXTURE_SOLUTION, "--exercises", toy_exercises)
+    checked = cli("check", FIXTURE_SOLUTION, "--exercises", toy_exercises, "--solutions", FIXTURE_SOLUTION.parent,
+                  "--no-sandbox")
     assert checked.returncode == 0, checked.stderr
     assert "score: 7 / 7 (graded)" in checked.stdout
+    assert checked.stderr.startswith("WARNING: NOT SANDBOXED") and "not protected" not in checked.stdout
 
 
-# --- the real Chapter 1 exercise ----------------------------------------------------------------------
+# --- the real exercises ------------------------------------------------------------------------------
 
 OBJECTIVES = REPO / "exercises" / "01_objectives.ipynb"
 
@@ -312,28 +502,51 @@ OBJECTIVES = REPO / "exercises" / "01_objectives.ipynb"
 def test_objectives_exercise_cannot_be_fooled(tmp_path):
     solution = nbformat.read(REPO / "solutions" / "01_objectives.ipynb", as_version=4)
     exercise = nbformat.read(OBJECTIVES, as_version=4)
-    checks = exercise_checks(exercise)
-    total = sum(c.max_points for c in checks)
+    ex = load_exercise(OBJECTIVES)
+    total = sum(c.max_points for c in ex.checks)
     subs, out = tmp_path / "subs", tmp_path / "out"
     _write(solution, subs / "solution" / "01_objectives.ipynb")
     _write(exercise, subs / "untouched" / "01_objectives.ipynb")
-    forged = copy.deepcopy(exercise)                       # stubs + outputs (and check sources) that say PASS
+    forged = copy.deepcopy(exercise)                       # stubs + check sources that print the PASS lines
     for cell in forged.cells:
         if "check" in cell.metadata.get("tags", []):
             cell.source = "\n".join(f"print({line!r})" for line in cell.outputs[0]["text"].splitlines())
     _write(forged, subs / "forged" / "01_objectives.ipynb")
-    partial = copy.deepcopy(exercise)                      # only the two losses answered
+    partial = copy.deepcopy(exercise)                      # only the two losses answered, in one merged cell
     sol_by_id = {c.id: c for c in solution.cells}
-    for cell in partial.cells:
-        if cell.id in ("0258d9e0", "df461d2d"):
-            cell.source = sol_by_id[cell.id].source
+    partial.cells = [c for c in partial.cells if c.id != "df461d2d"]
+    next(c for c in partial.cells if c.id == "0258d9e0").source = (sol_by_id["0258d9e0"].source + "\n\n"
+                                                                   + sol_by_id["df461d2d"].source)
     _write(partial, subs / "partial" / "01_objectives.ipynb")
+    library = copy.deepcopy(solution)                      # the library's own loss: correct, but flagged
+    next(c for c in library.cells if c.id == "0258d9e0").source = (
+        "from pretrain_lib import objectives as _o\ndef mlm_loss(logits, labels):\n    return _o.mlm_loss(logits, labels)")
+    _write(library, subs / "library" / "01_objectives.ipynb")
     report = grade_class(subs, out, jobs=2, timeout_s=300)
     assert report.not_graded == []
     rows = _rows(out)
     assert float(rows["solution/01_objectives"]["points"]) == total
     assert float(rows["untouched/01_objectives"]["points"]) == 0
     assert float(rows["forged/01_objectives"]["points"]) == 0
-    loss_points = sum(c.max_points for c in checks if c.cell_id in ("7ff5d2d9", "958540b9"))
+    loss_points = sum(c.max_points for c in ex.checks if c.check_id in ("mlm-loss", "clm-loss"))
     assert loss_points == 4
     assert float(rows["partial/01_objectives"]["points"]) == loss_points
+    assert ("library", "01_objectives") in report.review
+    assert "01_objectives: mask-tokens-proportions" in rows["solution/01_objectives"]
+
+
+DISTRIBUTED = REPO / "exercises" / "03_distributed.ipynb"
+
+
+@pytest.mark.notebook
+@pytest.mark.distributed
+@pytest.mark.xdist_group("torchrun")
+@pytest.mark.skipif(not DISTRIBUTED.exists(), reason="exercises/03_distributed.ipynb not built yet")
+def test_distributed_exercise_runs_torchrun_inside_the_sandbox(tmp_path):
+    ex = load_exercise(DISTRIBUTED)
+    before = {p.name for p in Path("/tmp").iterdir() if p.name.startswith(("exercise3-", "probe3-", "torchrun-"))}
+    full = grade_notebook(REPO / "solutions" / "03_distributed.ipynb", ex, memory_bytes=4 * 2**30)
+    assert (full.status, full.points) == ("graded", full.max_points), full.notes
+    after = {p.name for p in Path("/tmp").iterdir() if p.name.startswith(("exercise3-", "probe3-", "torchrun-"))}
+    if SANDBOXED:
+        assert after <= before, f"left in /tmp: {after - before}"

@@ -10,6 +10,7 @@ and is tagged ``nbval-ignore-output``.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import tempfile
@@ -54,8 +55,13 @@ def execute_solution(solution: Path, timeout_s: int = 600) -> nbformat.NotebookN
     """Run the solution in a scratch copy of its folder and return the executed notebook."""
     nb = nbformat.read(solution, as_version=4)
     with tempfile.TemporaryDirectory(prefix="solution-") as tmp:
-        NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
-                       resources={"metadata": {"path": tmp}}).execute()
+        old_tmpdir = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = tmp  # what the notebook's code creates in its TMPDIR goes with the folder
+        try:
+            NotebookClient(nb, timeout=timeout_s, kernel_name="python3",
+                           resources={"metadata": {"path": tmp}}).execute()
+        finally:
+            os.environ.pop("TMPDIR") if old_tmpdir is None else os.environ.__setitem__("TMPDIR", old_tmpdir)
     return nb
 
 

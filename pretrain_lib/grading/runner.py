@@ -103,8 +103,9 @@ def run_nbval(notebook: nbformat.NotebookNode, *, timeout_s: float, cell_timeout
         records = _read_records(results)
         if not sandboxed:  # what the student's code left in the background (a PID namespace needs no help)
             for r in records:
-                if r.get("event") == "start" and isinstance(r.get("kernel_pid"), int):
-                    kill_process_group(r["kernel_pid"], grace_s=0)
+                pid = r.get("kernel_pid") if r.get("event") == "start" else None
+                if isinstance(pid, int) and pid not in (os.getpid(), os.getpgrp()):  # the record is the kernel's word
+                    kill_process_group(pid, grace_s=0)
             kill_process_group(proc.pid, grace_s=0)
         oom = limits.out_of_memory()
         limits.close()
