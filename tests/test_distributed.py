@@ -10,16 +10,20 @@ import math
 import pytest
 import torch
 
-from pretrain_lib.distributed.comm_model import Layout, fit_latency_bandwidth, ring_seconds, step_communication
-from pretrain_lib.distributed.common import base_parser, check_args, global_batch, local_shard, setup
-from pretrain_lib.distributed.launch import (LaunchTimeoutError, RankFailedError, process_group_alive, run_torchrun,
-                                             torchrun_command)
-from pretrain_lib.distributed.pipeline_parallel import (bubble_theory, gpipe_order, layer_placement,
-                                                        one_f_one_b_order, placement_crossings, simulate_schedule,
-                                                        stage_layers)
+from pretrain_lib.data.synthetic import arithmetic_batch, local_shard
+from pretrain_lib.distributed.arguments import base_parser, check_args
 from pretrain_lib.distributed.collectives import parse_size
+from pretrain_lib.distributed.comm_model import (Layout, fit_latency_bandwidth, ring_rounds, ring_seconds,
+                                                 ring_traffic_factor, step_communication, tensor_parallel_bytes)
+from pretrain_lib.distributed.launch import LaunchTimeoutError, RankFailedError, run_torchrun, torchrun_command
+from pretrain_lib.distributed.pipeline_schedules import (bubble_fraction, bubble_theory, gpipe_order, layer_placement,
+                                                         one_f_one_b_order, placement_crossings, simulate_schedule,
+                                                         stage_layers)
+from pretrain_lib.distributed.process_group import setup
+from pretrain_lib.distributed.reference import global_batch
 from pretrain_lib.distributed.tensor_parallel import column_parallel_linear
 from pretrain_lib.distributed.zero import zero_memory_formula
+from pretrain_lib.process_tree import process_group_alive
 
 TOL = 1e-5
 SMALL = ["--steps", "2", "--batch", "4", "--seq-len", "16", "--vocab", "32", "--d-model", "32", "--n-layers", "2"]
@@ -35,6 +39,21 @@ def test_ring_allreduce_cost_matches_formula():
     assert ring_seconds("all_reduce", 1e9, 1, 1e9) == 0.0
     with pytest.raises(ValueError, match="unknown collective"):
         ring_seconds("broadcast", 1.0, 2, 1.0)
+
+
+def test_ring_factors_and_rounds_by_hand():
+    # p = 4: an all-reduce sends 2·3/4 = 1.5 bytes per buffer byte in 6 rounds; its halves 0.75 in 3
+    assert ring_traffic_factor("all_reduce", 4) == 1.5 and ring_rounds("all_reduce", 4) == 6
+    assert ring_traffic_factor("reduce_scatter", 4) == 0.75 and ring_rounds("all_gather", 4) == 3
+    assert ring_traffic_factor("all_reduce", 2) == 1.0
+    with pytest.raises(ValueError, match="unknown collective"):
+        ring_traffic_factor("gather", 2)
+
+
+def test_tensor_parallel_bytes_by_hand():
+    # 2 blocks × (2 forward all-reduces in bf16 + 2 backward in fp32) of a 3×5×8 = 120-value activation
+    assert tensor_parallel_bytes(n_layers=2, batch=3, seq_len=5, d_model=8, forward_value_bytes=2,
+                                 backward_value_bytes=4) == 2 * 120 * (2 * 2 + 2 * 4) == 2880
 
 
 def test_fit_recovers_latency_and_bandwidth():
@@ -75,6 +94,10 @@ def test_pipeline_orders_and_bubble():
         orders = [gpipe_order(m, s, p) for s in range(p)]
         assert simulate_schedule(orders, [1.0] * p, [2.0] * p) == pytest.approx(bubble_theory(p, m))
     assert [list(r) for r in stage_layers(5, 2)] == [[0, 1, 2], [3, 4]]
+    # the bubble is measured over the common step window: 3 s busy in a 4 s step idles 1/4
+    assert bubble_fraction(3.0, 4.0) == 0.25 and bubble_fraction(5.0, 4.0) == 0.0
+    with pytest.raises(ValueError, match="window"):
+        bubble_fraction(1.0, 0.0)
     assert layer_placement(8, 2, "round_robin") == [0, 1] * 4 and layer_placement(8, 2, "contiguous") == [0] * 4 + [1] * 4
     assert placement_crossings([0, 1] * 4) == 7 and placement_crossings([0] * 4 + [1] * 4) == 1
     with pytest.raises(ValueError, match="unknown placement"):
@@ -88,6 +111,17 @@ def test_column_parallel_pieces_concatenate_to_full_output():
     x, w, b = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
     parts = [column_parallel_linear(x, w, b, r, 2) for r in range(2)]
     torch.testing.assert_close(torch.cat(parts, dim=-1), torch.nn.functional.linear(x, w, b))
+
+
+def test_arithmetic_batch_follows_its_recurrence():
+    ids = arithmetic_batch(3, batch=4, seq_len=6, vocab=11, seed=2)
+    assert ids.shape == (4, 6) and torch.equal(ids[:, 1:], (ids[:, :-1] + 7) % 11)
+    assert torch.equal(ids, arithmetic_batch(3, batch=4, seq_len=6, vocab=11, seed=2))  # every rank rebuilds it
+    assert not torch.equal(ids, arithmetic_batch(4, batch=4, seq_len=6, vocab=11, seed=2))
+    args = base_parser("t").parse_args(["--batch", "4", "--seq-len", "6", "--vocab", "11", "--seed", "2"])
+    assert torch.equal(global_batch(3, args), ids)
+    with pytest.raises(ValueError, match="vocab must be positive"):
+        arithmetic_batch(0, batch=1, seq_len=1, vocab=0)
 
 
 def test_shards_cover_the_global_batch_once():
@@ -140,6 +174,7 @@ def test_data_parallel_equals_single_process(tmp_path):
     assert same["max_abs_diff_vs_one_shard"] <= TOL and same["max_abs_diff_vs_single"] > 100 * TOL
     assert same["losses"] == pytest.approx(m["one_shard_losses"], abs=1e-5)
     assert m["one_shard_rows"] == 4 // m["world_size"]
+    assert m["dtype"] == "fp32" and m["tolerance"] == TOL and m["data"].startswith("synthetic")
 
 
 @torchrun
@@ -155,9 +190,10 @@ def test_zero_and_fsdp_equal_single_process_and_shard_memory(tmp_path):
     zero1 = m["variants"]["zero1"]["memory_per_rank"]
     assert sum(r["optim"] for r in zero1) == 8 * n  # optimiser state split over ranks, whole tensors each
     assert all(r["params"] == 4 * n for r in zero1)
-    # by hand: one all-gather and one reduce-scatter of the (padded) flat vector per step
-    padded = -(-n // p) * p
-    assert m["variants"]["by_hand"]["bytes_sent_per_step"] == 2 * 4 * padded
+    # by hand: one all-gather and one reduce-scatter per step of each group's (padded) flat vector
+    assert 2 * 4 * n <= m["variants"]["by_hand"]["bytes_per_step"] <= 2 * 4 * (n + 2 * (p - 1))
+    for v in m["variants"].values():
+        assert v["losses"] == pytest.approx(m["reference_losses"], abs=1e-5)
 
 
 @torchrun
@@ -166,7 +202,9 @@ def test_tensor_parallel_equals_unsharded(tmp_path):
     m = run_torchrun("pretrain_lib.distributed.tensor_parallel", args=SMALL, run_dir=tmp_path, stream=False).metrics
     assert m["max_abs_diff_vs_single"] <= TOL
     assert max(m["block_check"].values()) <= TOL
-    assert m["variants"]["by_hand"]["bytes_all_reduced_per_step"] == m["predicted_bytes_per_step"]
+    assert m["variants"]["by_hand"]["bytes_per_step"] == m["predicted_bytes_per_step"]
+    # 2 blocks × 4 all-reduces of one fp32 activation (batch 4, seq 16, d_model 32)
+    assert m["predicted_bytes_per_step"] == 2 * 4 * 4 * 16 * 32 * 4
 
 
 @torchrun
@@ -181,10 +219,15 @@ def test_pipeline_parallel_equals_single_process(tmp_path):
     rr = m["variants"]["round_robin"]
     assert rr["max_abs_diff_vs_single"] <= TOL and rr["crossings_per_forward"] == 3
     # 3 crossings, forward and backward, of one (batch, seq, d_model) fp32 activation
-    assert rr["bytes_sent_per_step_all_ranks"] == 2 * 3 * 4 * 16 * 32 * 4
+    assert rr["bytes_per_step_all_ranks"] == 2 * 3 * 4 * 16 * 32 * 4
+    assert rr["bytes_per_step"] == 3 * 4 * 16 * 32 * 4  # each rank sends 3 of the 6 messages
+    for v in m["variants"].values():
+        assert v["losses"] == pytest.approx(m["reference_losses"], abs=1e-5)
     b = {row["n_micro"]: row for row in m["bubble"]}
     assert b[1]["simulated"] == pytest.approx(0.5, abs=1e-9)  # p = 2, one micro-batch: each stage idles half
     assert b[4]["simulated"] < b[1]["simulated"]
+    # measured over the common step window, a serial pass (m = 1) idles at least (p - 1) / p
+    assert b[1]["measured"] >= 0.5 - 0.02
 
 
 @torchrun
@@ -209,3 +252,15 @@ def test_hanging_rank_is_killed_with_everything_it_started(tmp_path):
         run_torchrun("pretrain_lib.distributed.collectives", args=["--sizes", "1KB", "--fault", "hang"],
                      run_dir=tmp_path, stream=False, timeout_s=10)
     assert not process_group_alive(info.value.pgid)
+
+
+@torchrun
+@pytest.mark.distributed
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_ddp_with_nccl_on_one_gpu(tmp_path):
+    """DDP with NCCL on one GPU (bf16 autocast by default on CUDA) still equals one process."""
+    m = run_torchrun("pretrain_lib.distributed.data_parallel", nproc_per_node=1, run_dir=tmp_path, stream=False,
+                     args=SMALL + ["--variants", "by_hand,ddp"]).metrics
+    assert m["backend"] == "nccl" and m["device"] == "cuda:0" and m["dtype"] == "bf16"
+    assert m["max_abs_diff_vs_single"] <= m["tolerance"]
+    assert m["variants"]["ddp"]["losses"] == pytest.approx(m["reference_losses"], abs=1e-2)

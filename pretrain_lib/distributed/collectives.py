@@ -3,9 +3,10 @@
 For each message size (bytes per rank's input) the module times ``--iters`` calls after
 ``--warmup`` untimed ones and reports the median, the fastest and the slowest call. Bus
 bandwidth rescales the algorithm bandwidth (bytes / time) by what a ring must move per
-rank: 2(p-1)/p for all-reduce and (p-1)/p for all-gather and reduce-scatter (Thakur et al., 2005), so it can be compared with the
-link's bandwidth. Each result is also checked against the value one process computes
-from every rank's input (``max_abs_diff_vs_single``).
+rank: 2(p-1)/p for all-reduce and (p-1)/p for all-gather and reduce-scatter (Thakur et al.,
+2005; ``comm_model.ring_traffic_factor``), so it can be compared with the link's bandwidth.
+Each result is also checked against the value one process computes from every rank's input
+(``max_abs_diff_vs_single``).
 """
 from __future__ import annotations
 
@@ -14,10 +15,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from .common import base_parser, inject_fault, run_main, setup, sync, teardown, write_metrics
+from .arguments import base_parser
+from .comm_model import RING_OPS, ring_traffic_factor
+from .errors import run_main
+from .faults import inject_fault
+from .metrics import wait_for_device, write_metrics
+from .process_group import setup, teardown
 
-RING_FACTOR = {"all_reduce": lambda p: 2 * (p - 1) / p, "all_gather": lambda p: (p - 1) / p,
-               "reduce_scatter": lambda p: (p - 1) / p}
+# torch >= 2.13 names these collectives *_single and deprecates the old names; use whichever exists
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def parse_size(text: str) -> int:
@@ -46,15 +53,15 @@ def run_op(op: str, n: int, rank: int, world: int, device: torch.device) -> tupl
         return x, torch.stack(everyone).sum(0)
     if op == "all_gather":
         out = torch.empty(n * world, device=device)
-        dist.all_gather_into_tensor(out, x)
+        _all_gather(out, x)
         return out, torch.cat(everyone)
     if op == "reduce_scatter":
         if n % world:
             raise ValueError(f"reduce_scatter needs a size divisible by {world}")
         out = torch.empty(n // world, device=device)
-        dist.reduce_scatter_tensor(out, x)
+        _reduce_scatter(out, x)
         return out, torch.stack(everyone).sum(0).chunk(world)[rank]
-    raise ValueError(f"unknown collective {op!r}; choose among {sorted(RING_FACTOR)}")
+    raise ValueError(f"unknown collective {op!r}; choose among {', '.join(RING_OPS)}")
 
 
 def time_op(op: str, n: int, world: int, device: torch.device, iters: int, warmup: int = 3) -> list[float]:
@@ -67,15 +74,15 @@ def time_op(op: str, n: int, world: int, device: torch.device, iters: int, warmu
     times = []
     for i in range(warmup + iters):
         dist.barrier()
-        sync(device)
+        wait_for_device(device)
         t0 = time.perf_counter()
         if op == "all_reduce":
             dist.all_reduce(x)
         elif op == "all_gather":
-            dist.all_gather_into_tensor(out, x)
+            _all_gather(out, x)
         else:
-            dist.reduce_scatter_tensor(out, x)
-        sync(device)
+            _reduce_scatter(out, x)
+        wait_for_device(device)
         if i >= warmup:  # warm-ups pay connection setup and allocation
             times.append(time.perf_counter() - t0)
     return times
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             algbw = n * 4 / seconds
             rows.append({"op": op, "bytes": n * 4, "seconds": seconds, "seconds_min": times[0],
                          "seconds_max": times[-1], "iters": len(times), "algbw_GBps": algbw / 1e9,
-                         "busbw_GBps": algbw * RING_FACTOR[op](p) / 1e9})
+                         "busbw_GBps": algbw * ring_traffic_factor(op, p) / 1e9})
     if ctx.is_main:
         write_metrics(args.out, {"strategy": "collectives", "world_size": p, "backend": ctx.backend,
                                  "device": str(ctx.device), "max_abs_diff_vs_single": worst, "results": rows})

@@ -12,27 +12,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+RING_OPS = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def _check_op(op: str) -> None:
+    if op not in RING_OPS:
+        raise ValueError(f"unknown collective {op!r}; choose all_reduce, all_gather or reduce_scatter")
+
+
+def ring_traffic_factor(op: str, p: int) -> float:
+    """Bytes a rank sends per byte of buffer in a ring ``op`` on ``p`` ranks: 2(p-1)/p or (p-1)/p.
+
+    Also the factor that turns algorithm bandwidth (bytes / time) into bus bandwidth.
+    """
+    _check_op(op)
+    return (2 if op == "all_reduce" else 1) * (p - 1) / p
+
+
+def ring_rounds(op: str, p: int) -> int:
+    """Latency-paying rounds of a ring ``op``: 2(p-1) for all-reduce, p-1 for the halves."""
+    _check_op(op)
+    return (2 if op == "all_reduce" else 1) * (p - 1)
+
+
 def ring_seconds(op: str, nbytes: float, p: int, bandwidth_Bps: float, latency_s: float = 0.0) -> float:
     """Seconds for one ring ``op`` ('all_reduce', 'all_gather', 'reduce_scatter') of ``nbytes`` on ``p`` ranks."""
     if p < 1:
         raise ValueError(f"a collective needs at least one rank, got p={p}")
     if bandwidth_Bps <= 0:
         raise ValueError(f"bandwidth must be positive (bytes/s), got {bandwidth_Bps}")
+    _check_op(op)
     if p == 1:
         return 0.0
-    if op == "all_reduce":
-        return 2 * (p - 1) * latency_s + 2 * (p - 1) / p * nbytes / bandwidth_Bps
-    if op in ("all_gather", "reduce_scatter"):
-        return (p - 1) * latency_s + (p - 1) / p * nbytes / bandwidth_Bps
-    raise ValueError(f"unknown collective {op!r}; choose all_reduce, all_gather or reduce_scatter")
+    return ring_rounds(op, p) * latency_s + ring_traffic_factor(op, p) * nbytes / bandwidth_Bps
 
 
 def fit_latency_bandwidth(op: str, p: int, nbytes: list[float], seconds: list[float]) -> tuple[float, float]:
     """Least-squares fit of ``ring_seconds`` to measurements: returns (latency s, bandwidth bytes/s)."""
     import numpy as np
-    rounds = 2 * (p - 1) if op == "all_reduce" else (p - 1)
-    factor = 2 * (p - 1) / p if op == "all_reduce" else (p - 1) / p
-    a = np.stack([np.full(len(nbytes), rounds, dtype=float), factor * np.asarray(nbytes, dtype=float)], axis=1)
+    a = np.stack([np.full(len(nbytes), ring_rounds(op, p), dtype=float),
+                  ring_traffic_factor(op, p) * np.asarray(nbytes, dtype=float)], axis=1)
     # weight by 1/time so small and large messages count alike (relative error)
     w = 1.0 / np.asarray(seconds, dtype=float)
     coef, *_ = np.linalg.lstsq(a * w[:, None], np.asarray(seconds) * w, rcond=None)
@@ -40,6 +59,15 @@ def fit_latency_bandwidth(op: str, p: int, nbytes: list[float], seconds: list[fl
     if inv_bw <= 0:
         raise ValueError("the measurements do not grow with message size; measure larger messages")
     return latency, 1.0 / inv_bw
+
+
+def tensor_parallel_bytes(*, n_layers: int, batch: int, seq_len: int, d_model: int, forward_value_bytes: int = 4,
+                          backward_value_bytes: int = 4) -> int:
+    """Bytes all-reduced per step by Megatron tensor parallelism: 4 all-reduces per block of one
+    activation ``(batch, seq_len, d_model)``: 2 forward (after attention and after the MLP, g)
+    and 2 backward (the input gradients, f), each in its own dtype."""
+    activation = batch * seq_len * d_model
+    return n_layers * activation * (2 * forward_value_bytes + 2 * backward_value_bytes)
 
 
 @dataclass
@@ -94,7 +122,10 @@ def step_communication(n_params: float, layout: Layout, *, d_model: int, n_layer
             dp += ring_seconds("all_gather", shard_bytes, L.dp, dp_bw, latency_s)
     act = micro_batch * seq_len * d_model * act_bytes
     layers_per_stage = n_layers / L.pp
-    tp = 4 * layers_per_stage * n_micro * ring_seconds("all_reduce", act, L.tp, intra_node_Bps, latency_s)
+    # every block's 4 all-reduces are separate messages: each pays the ring's latency
+    tp_bytes = tensor_parallel_bytes(n_layers=1, batch=micro_batch, seq_len=seq_len, d_model=d_model,
+                                     forward_value_bytes=act_bytes, backward_value_bytes=act_bytes)
+    tp = layers_per_stage * n_micro * 4 * ring_seconds("all_reduce", tp_bytes / 4, L.tp, intra_node_Bps, latency_s)
     pp_bw = intra_node_Bps if L.tp * L.pp <= L.gpus_per_node else inter_node_Bps
     pp = 0.0 if L.pp == 1 else 2 * n_micro * (latency_s + act / L.tp / pp_bw)
     return {"data_parallel_s": dp, "tensor_parallel_s": tp, "pipeline_s": pp, "total_s": dp + tp + pp}

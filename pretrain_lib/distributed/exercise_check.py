@@ -14,9 +14,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..data.synthetic import local_shard
 from ..objectives import clm_loss
-from .common import base_parser, build_model, global_batch, local_shard, run_main, setup, teardown, write_metrics
-from .pipeline_parallel import gpipe_order
+from .arguments import base_parser
+from .errors import run_main
+from .metrics import write_metrics
+from .pipeline_schedules import gpipe_order
+from .process_group import setup, teardown
+from .reference import build_model, global_batch
 
 
 def _check_average_gradients(fn, args, ctx) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from ..process_tree import kill_process_group, process_group_alive  # noqa: F401 (process_group_alive: for callers)
 from ..utils import REPO_ROOT
-from .common import METRICS_FILE
+from .metrics import METRICS_FILE
 
 
 @dataclass
@@ -136,49 +136,6 @@ def run_torchrun(module: str, *, nproc_per_node: int = 2, args: Sequence[str] = 
     if check and not metrics:
         raise RuntimeError(f"the job exited 0 but rank 0 wrote no {METRICS_FILE} in {run_dir}")
     return result
-
-
-def kill_process_group(pgid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM the whole group, wait up to ``grace_s``, then SIGKILL whatever is left."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        if not process_group_alive(pgid):
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    for _ in range(50):  # SIGKILL is not instantaneous; wait until the group is gone
-        if not process_group_alive(pgid):
-            return
-        time.sleep(0.1)
-
-
-def process_group_alive(pgid: int) -> bool:
-    """True while any process (zombies excluded) is left in group ``pgid``."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # killpg(…, 0) also succeeds for zombies; look at /proc where it exists
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for stat in proc.glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def _first_rank_error(run_dir: Path) -> tuple[int | None, str]:

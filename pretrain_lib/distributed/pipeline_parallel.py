@@ -1,19 +1,21 @@
 """Pipeline parallelism: consecutive layers on consecutive ranks, micro-batches flowing through.
 
-Rank s holds stage s: a *contiguous* run of blocks (the first stage also the embeddings,
-the last the final LayerNorm and the output layer). Activations cross ranks only at
-stage boundaries, once per micro-batch, forward; their gradients come back the same way.
+Rank s holds stage s (:func:`pipeline_stage`): a *contiguous* run of blocks of the course's
+GPT (the first stage also the embeddings, the last the final LayerNorm and the output
+layer). Activations cross ranks only at stage boundaries, once per micro-batch, forward;
+their gradients come back the same way. The schedules' orders and the bubble formula are in
+:mod:`.pipeline_schedules`.
 
-With one micro-batch (the naive split) only one stage works at a time. GPipe (Huang et
-al., 2019) cuts the batch into m micro-batches so the stages overlap; the idle fraction
-("bubble") of p stages is (p - 1) / (m + p - 1). 1F1B runs the same work in another order
-so that at most p micro-batches' activations are alive at once.
-
-Variants: ``by_hand`` (send/recv following a schedule's order list), ``gpipe`` and
-``1f1b`` (``torch.distributed.pipelining``), each checked against one process; then the
-by-hand GPipe's bubble is measured for several micro-batch counts. ``round_robin`` runs
-the source chapter's placement (block i on rank i mod p, one batch): it also equals one
-process, but its activations cross ranks L - 1 times per forward pass instead of p - 1.
+Every variant trains with the engine's ``train_step``; the schedule is its
+``forward_backward`` (it backpropagates summed token losses and returns ``(loss_sum,
+n_targets)``, so the engine normalises by the batch's target tokens as everywhere else).
+Variants: ``naive`` (one micro-batch), ``by_hand`` and ``by_hand_1f1b`` (send/recv following
+an order list), ``gpipe`` and ``1f1b`` (``torch.distributed.pipelining``), each checked
+against one process; then the by-hand GPipe's bubble is measured for several micro-batch
+counts. ``round_robin`` runs the source chapter's placement (block i on rank i mod p, one
+batch): it also equals one process, but its activations cross ranks L - 1 times per
+forward pass instead of p - 1. No loss is read on the host inside a schedule (that would
+serialise the pipeline); the last stage's losses are sent to every rank once, at the end.
 
 The output layer is tied to the token embedding, which lives on the first stage; the
 last stage keeps a copy and the two gradients are summed after each backward pass, so
@@ -21,6 +23,7 @@ both copies take identical steps (what Megatron-LM does for its embedding group)
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -28,24 +31,17 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..model import GPT
-from ..objectives import clm_loss
-from .common import (DistContext, base_parser, build_model, check_args, global_batch, inject_fault, make_optimizer,
-                     max_abs_diff, params_of, reference_run, run_main, setup, sync, teardown, tensor_bytes,
-                     write_metrics)
-
-
-def stage_layers(n_layers: int, n_stages: int) -> list[range]:
-    """Contiguous block indices per stage, as even as possible: (4, 2) → [0..1], [2..3]."""
-    if n_stages > n_layers:
-        raise ValueError(f"{n_stages} stages need at least {n_stages} layers, the model has {n_layers}; "
-                         "use more --n-layers or fewer ranks")
-    base, extra = divmod(n_layers, n_stages)
-    out, start = [], 0
-    for s in range(n_stages):
-        size = base + (1 if s < extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
+from ..objectives import IGNORE_INDEX, clm_loss
+from ..train import train_step
+from .arguments import autocast_dtype, base_parser, check_args
+from .errors import run_main
+from .faults import inject_fault
+from .metrics import StepTimer, max_abs_diff, params_of, read_losses, tensor_bytes, variant_record, wait_for_device, \
+    write_metrics
+from .pipeline_schedules import (bubble_fraction, bubble_theory, gpipe_order, layer_placement,  # noqa: F401
+                                 one_f_one_b_order, placement_crossings, simulate_schedule, stage_layers)
+from .process_group import DistContext, setup, teardown
+from .reference import build_model, global_batch, reference_run, run_header, strategy_optimizer
 
 
 class Stage(nn.Module):
@@ -55,6 +51,7 @@ class Stage(nn.Module):
         super().__init__()
         bb = model.backbone
         self.first, self.last = stage == 0, stage == n_stages - 1
+        self.tied_shape, self.tied_dtype = bb.tok_emb.weight.shape, bb.tok_emb.weight.dtype
         if self.first:
             self.tok_emb, self.pos_emb = bb.tok_emb, bb.pos_emb
         self.blocks = nn.ModuleDict({str(i): bb.blocks[i] for i in stage_layers(len(bb.blocks), n_stages)[stage]})
@@ -62,6 +59,10 @@ class Stage(nn.Module):
             self.ln_f = bb.ln_f
             # the tied output layer's copy on the last stage
             self.head_weight = nn.Parameter(bb.tok_emb.weight.detach().clone())
+        # the residual stream keeps the parameters' dtype (under autocast the blocks' bf16 outputs
+        # are added to it), so that is what crosses a stage boundary
+        self.activation_dtype = bb.ln_f.weight.dtype
+        self.d_model = bb.ln_f.normalized_shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """First stage: ids ``(b, t)`` → hidden ``(b, t, d)``; last: hidden → logits ``(b, t, vocab)``."""
@@ -77,270 +78,273 @@ class Stage(nn.Module):
         return self.tok_emb.weight if self.first else (self.head_weight if self.last else None)
 
 
-def sync_tied_gradients(stage: Stage, vocab: int, d_model: int, device: torch.device) -> None:
+def pipeline_stage(model: GPT, rank: int, n_stages: int) -> Stage:
+    """This rank's stage of ``model`` (the GPT's modules, shared, not copied; the tied head is a copy)."""
+    return Stage(model, rank, n_stages)
+
+
+def sync_tied_gradients(stage: Stage, device: torch.device) -> None:
     """Sum the tied embedding's gradient over its two copies (first and last stage)."""
     w = stage.tied_weight()
-    grad = w.grad if (w is not None and w.grad is not None) else torch.zeros(vocab, d_model, device=device)
+    grad = w.grad if (w is not None and w.grad is not None) else \
+        torch.zeros(stage.tied_shape, dtype=stage.tied_dtype, device=device)
     grad = grad.contiguous()
     dist.all_reduce(grad)  # middle stages contribute zeros
     if w is not None:
         w.grad = grad
 
 
-def gpipe_order(n_micro: int, stage: int, n_stages: int) -> list[tuple[str, int]]:
-    """GPipe: every micro-batch forward, then every micro-batch backward (last one first)."""
-    return [("F", i) for i in range(n_micro)] + [("B", i) for i in reversed(range(n_micro))]
+def n_targets(ids: torch.Tensor) -> torch.Tensor:
+    """Target tokens of a CLM batch ``(b, t)``, counted as ``clm_objective`` does (every rank can)."""
+    return (ids[:, 1:] != IGNORE_INDEX).sum().float()
 
 
-def one_f_one_b_order(n_micro: int, stage: int, n_stages: int) -> list[tuple[str, int]]:
-    """1F1B: after (p - 1 - s) warm-up forwards, alternate one forward and one backward."""
-    warmup = min(n_stages - 1 - stage, n_micro)
-    order = [("F", i) for i in range(warmup)]
-    f, b = warmup, 0
-    while b < n_micro:
-        if f < n_micro:
-            order.append(("F", f))
-            f += 1
-        order.append(("B", b))
-        b += 1
-    return order
+def summed_clm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The CLM loss summed over target tokens (what the engine's forward_backward must backpropagate)."""
+    return clm_loss(logits.float(), ids) * n_targets(ids)
 
 
-def run_schedule_by_hand(stage: Stage, ids: torch.Tensor, order: list[tuple[str, int]], ctx: DistContext,
-                         d_model: int) -> tuple[float, list[tuple[str, int, float, float]], int]:
-    """Execute this stage's ``order`` of forward/backward micro-steps with point-to-point messages.
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
-    ``ids`` ``(batch, seq)`` is the global batch (the first stage embeds it, the last scores
-    it). Sends are asynchronous so two neighbours that both send first cannot deadlock.
-    Returns (sum of micro-batch losses / m on the last stage, timeline of compute spans
-    (op, micro, start, end), bytes sent).
+
+class ByHandSchedule:
+    """Runs this stage's order of forward/backward micro-steps with point-to-point messages.
+
+    Called by ``train_step`` as its ``forward_backward`` with the step's micro-batches (each
+    ``{"input_ids": (b / m, t)}``: the first stage embeds them, the last scores them).
+    Sends are asynchronous so two neighbours that both send first cannot deadlock. With
+    ``timed`` each step records its compute spans and the step's window (barrier to barrier)
+    for the bubble measurement.
     """
-    n_micro = len({i for _, i in order})
-    micro = ids.chunk(n_micro)
-    prev, nxt = ctx.rank - 1, ctx.rank + 1
-    inputs: dict[int, torch.Tensor] = {}
-    outputs: dict[int, torch.Tensor] = {}
-    pending, timeline, sent, total_loss = [], [], 0, 0.0
-    for op, i in order:
-        if op == "F":
-            if stage.first:
-                x = micro[i]
+
+    def __init__(self, stage: Stage, ctx: DistContext, order_fn, *, timed: bool = False):
+        self.stage, self.ctx, self.order_fn, self.timed = stage, ctx, order_fn, timed
+        self.bytes_sent = 0
+        self.steps: list[dict] = []   # per timed step: busy seconds, window seconds, op durations
+
+    def _clock(self) -> float:
+        if self.timed:
+            wait_for_device(self.ctx.device)  # on a GPU, a span ends when its kernels have run
+        return time.perf_counter()
+
+    def __call__(self, model, micro_batches, objective, *, autocast, no_sync, scaler):
+        stage, ctx = self.stage, self.ctx
+        micro = [b["input_ids"] for b in micro_batches]
+        order = self.order_fn(len(micro), ctx.rank, ctx.world_size)
+        prev, nxt = ctx.rank - 1, ctx.rank + 1
+        inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        pending, spans = [], []
+        loss_sum = torch.zeros((), device=ctx.device)
+        if self.timed:
+            dist.barrier()
+        window_start = self._clock()
+        for op, i in order:
+            if op == "F":
+                if stage.first:
+                    x = micro[i]
+                else:
+                    x = torch.empty(*micro[i].shape, stage.d_model, dtype=stage.activation_dtype, device=ctx.device)
+                    dist.recv(x, src=prev)
+                    x.requires_grad_(True)
+                t0 = self._clock()
+                with _autocast(ctx.device, autocast):
+                    y = stage(x)
+                if stage.last:
+                    y = summed_clm_loss(y, micro[i])
+                    loss_sum = loss_sum + y.detach()
+                spans.append(("F", t0, self._clock()))
+                if not stage.last:
+                    pending.append(dist.isend(y.detach().contiguous(), dst=nxt))
+                    self.bytes_sent += tensor_bytes(y)
+                inputs[i], outputs[i] = x, y
             else:
-                x = torch.empty(micro[i].size(0), micro[i].size(1), d_model, device=ids.device)
-                dist.recv(x, src=prev)
-                x.requires_grad_(True)
-            t0 = time.perf_counter()
-            y = stage(x)
-            if stage.last:
-                y = clm_loss(y, micro[i]) / n_micro  # the mean over the batch = mean of equal-size micro-means
-                total_loss += y.item()
-            timeline.append(("F", i, t0, time.perf_counter()))
-            if not stage.last:
-                pending.append(dist.isend(y.detach().contiguous(), dst=nxt))
-                sent += tensor_bytes(y)
-            inputs[i], outputs[i] = x, y
-        else:
-            if stage.last:
                 grad = None
-            else:
-                grad = torch.empty_like(outputs[i])
-                dist.recv(grad, src=nxt)
-            t0 = time.perf_counter()
-            outputs[i].backward(grad)
-            timeline.append(("B", i, t0, time.perf_counter()))
-            if not stage.first:
-                pending.append(dist.isend(inputs[i].grad.contiguous(), dst=prev))
-                sent += tensor_bytes(inputs[i].grad)
-            del inputs[i], outputs[i]  # free the micro-batch's activations as soon as possible
-    for work in pending:
-        work.wait()
-    return total_loss, timeline, sent
+                if not stage.last:
+                    grad = torch.empty_like(outputs[i])
+                    dist.recv(grad, src=nxt)
+                t0 = self._clock()
+                outputs[i].backward(grad)
+                spans.append(("B", t0, self._clock()))
+                if not stage.first:
+                    pending.append(dist.isend(inputs[i].grad.contiguous(), dst=prev))
+                    self.bytes_sent += tensor_bytes(inputs[i].grad)
+                del inputs[i], outputs[i]  # free the micro-batch's activations as soon as possible
+        for work in pending:
+            work.wait()
+        if self.timed:
+            dist.barrier()  # the window ends when the slowest stage is done: the same window for all
+            window = self._clock() - window_start
+            f = [e - s for op, s, e in spans if op == "F"]
+            b = [e - s for op, s, e in spans if op == "B"]
+            self.steps.append({"busy": sum(f) + sum(b), "window": window,
+                               "forward": sum(f) / len(f), "backward": sum(b) / len(b)})
+        sync_tied_gradients(stage, ctx.device)
+        return loss_sum, sum(n_targets(m) for m in micro).to(ctx.device)
 
 
-def layer_placement(n_layers: int, n_ranks: int, kind: str) -> list[int]:
-    """The rank of each block: 'contiguous' stages, or the source chapter's 'round_robin' (block i on i mod p)."""
-    if kind == "contiguous":
-        return [s for s, layers in enumerate(stage_layers(n_layers, n_ranks)) for _ in layers]
-    if kind == "round_robin":
-        return [i % n_ranks for i in range(n_layers)]
-    raise ValueError(f"unknown placement {kind!r}; choose 'contiguous' or 'round_robin'")
+class TorchSchedule:
+    """``torch.distributed.pipelining``'s GPipe or 1F1B as the engine's ``forward_backward``."""
+
+    def __init__(self, stage: Stage, ctx: DistContext, kind: str, n_micro: int):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        self.stage, self.ctx = stage, ctx
+        pipe_stage = PipelineStage(stage, ctx.rank, ctx.world_size, ctx.device)
+        schedule = ScheduleGPipe if kind == "gpipe" else Schedule1F1B
+        # summed token losses and no 1/m rescaling: the engine divides by the target-token count
+        self.schedule = schedule(pipe_stage, n_micro, loss_fn=summed_clm_loss, scale_grads=False)
+
+    def __call__(self, model, micro_batches, objective, *, autocast, no_sync, scaler):
+        ids = torch.cat([b["input_ids"] for b in micro_batches])
+        losses: list[torch.Tensor] = []
+        inputs = (ids,) if self.stage.first else ()                             # the first stage embeds
+        scoring = {"target": ids, "losses": losses} if self.stage.last else {}   # the last one scores
+        with _autocast(self.ctx.device, autocast):
+            self.schedule.step(*inputs, **scoring)
+        sync_tied_gradients(self.stage, self.ctx.device)
+        loss_sum = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=self.ctx.device)
+        return loss_sum, n_targets(ids).to(self.ctx.device)
 
 
-def placement_crossings(placement: list[int]) -> int:
-    """How many times the activations change rank in one forward pass."""
-    return sum(a != b for a, b in zip(placement, placement[1:]))
-
-
-def run_placement_by_hand(model: GPT, placement: list[int], ids: torch.Tensor, ctx: DistContext,
-                          d_model: int) -> tuple[float, int]:
-    """One forward and backward pass of the whole batch ``ids`` ``(b, t)`` with block i on rank
-    ``placement[i]`` (embeddings with block 0, final LayerNorm and output layer with the last block).
-
-    Consecutive blocks on the same rank form a segment; the activation ``(b, t, d)`` is sent
-    at every segment boundary forward and its gradient comes back the same way. Only one rank
-    computes at a time. Returns (loss on the rank that computes it, else 0; bytes this rank sent).
-    """
-    bb = model.backbone
-    segments: list[tuple[int, list[int]]] = []  # (rank, consecutive block indices)
+def _segments(placement: list[int]) -> list[tuple[int, list[int]]]:
+    """Runs of consecutive blocks on the same rank: [(rank, [block indices]), ...]."""
+    segments: list[tuple[int, list[int]]] = []
     for i, r in enumerate(placement):
         if segments and segments[-1][0] == r:
             segments[-1][1].append(i)
         else:
             segments.append((r, [i]))
-    b, t = ids.shape
-    saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
-    pending, sent, loss_value = [], 0, 0.0
-    for k, (owner, layers) in enumerate(segments):
-        if owner != ctx.rank:
-            continue
-        if k == 0:
-            x_in = None
-            h = bb.tok_emb(ids) + bb.pos_emb(torch.arange(t, device=ids.device))
-        else:
-            x_in = torch.empty(b, t, d_model, device=ids.device)
-            dist.recv(x_in, src=segments[k - 1][0])
-            x_in.requires_grad_(True)
-            h = x_in
-        for i in layers:
-            h = bb.blocks[i](h)
-        if k == len(segments) - 1:
-            h = clm_loss(bb.ln_f(h) @ bb.tok_emb.weight.T, ids)
-            loss_value = h.item()
-        else:
-            pending.append(dist.isend(h.detach().contiguous(), dst=segments[k + 1][0]))
-            sent += tensor_bytes(h)
-        saved[k] = (x_in, h)
-    for k in reversed(range(len(segments))):
-        if segments[k][0] != ctx.rank:
-            continue
-        x_in, out = saved.pop(k)
-        if k == len(segments) - 1:
-            out.backward()
-        else:
-            grad = torch.empty_like(out)
-            dist.recv(grad, src=segments[k + 1][0])
-            out.backward(grad)
-        if x_in is not None:
-            pending.append(dist.isend(x_in.grad.contiguous(), dst=segments[k - 1][0]))
-            sent += tensor_bytes(x_in.grad)
-    for work in pending:
-        work.wait()
-    return loss_value, sent
+    return segments
 
 
-def train_placement(args, ctx: DistContext, placement: list[int]) -> dict:
-    """Train with ``run_placement_by_hand``: each rank updates only the blocks it holds."""
-    model = build_model(args, ctx.device)
-    bb = model.backbone
-    owned: dict[str, nn.Parameter] = {}
-    for name, prm in model.named_parameters():
-        if name.startswith("backbone.blocks."):
-            mine = placement[int(name.split(".")[2])] == ctx.rank
-        elif name.startswith("backbone.ln_f"):
-            mine = placement[-1] == ctx.rank
-        elif name == "backbone.tok_emb.weight":  # the embedding and the tied output layer
-            mine = ctx.rank in (placement[0], placement[-1])
-        else:
-            mine = placement[0] == ctx.rank
-        if mine:
-            owned[name] = prm
-    opt = make_optimizer(owned.values(), args)
-    losses, step_seconds, sent = [], [], 0
-    for step in range(args.steps):
-        ids = global_batch(step, args).to(ctx.device)
-        opt.zero_grad(set_to_none=True)
-        dist.barrier()
-        sync(ctx.device)
-        t0 = time.perf_counter()
-        loss, nbytes = run_placement_by_hand(model, placement, ids, ctx, args.d_model)
+class PlacementPass:
+    """One forward and backward pass of the whole batch with block i on rank ``placement[i]``
+    (embeddings with block 0, final LayerNorm and output layer with the last block); the
+    engine's ``forward_backward`` for the round-robin pitfall.
+
+    Consecutive blocks on the same rank form a segment; the activation ``(b, t, d)`` is sent
+    at every segment boundary forward and its gradient comes back the same way. Only one rank
+    computes at a time.
+    """
+
+    def __init__(self, model: GPT, placement: list[int], ctx: DistContext):
+        self.model, self.placement, self.ctx = model, placement, ctx
+        self.segments = _segments(placement)
+        self.bytes_sent = 0
+
+    def __call__(self, model, micro_batches, objective, *, autocast, no_sync, scaler):
+        bb, ctx = self.model.backbone, self.ctx
+        ids = micro_batches[0]["input_ids"]
+        b, t = ids.shape
+        saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        pending = []
+        loss_sum = torch.zeros((), device=ctx.device)
+        last = len(self.segments) - 1
+        for k, (owner, layers) in enumerate(self.segments):
+            if owner != ctx.rank:
+                continue
+            with _autocast(ctx.device, autocast):
+                if k == 0:
+                    x_in = None
+                    h = bb.tok_emb(ids) + bb.pos_emb(torch.arange(t, device=ids.device))
+                else:
+                    x_in = torch.empty(b, t, bb.ln_f.normalized_shape[0], dtype=bb.ln_f.weight.dtype, device=ids.device)
+                    dist.recv(x_in, src=self.segments[k - 1][0])
+                    x_in.requires_grad_(True)
+                    h = x_in
+                for i in layers:
+                    h = bb.blocks[i](h)
+                if k == last:
+                    h = summed_clm_loss(bb.ln_f(h) @ bb.tok_emb.weight.T, ids)
+                    loss_sum = loss_sum + h.detach()
+            if k != last:
+                pending.append(dist.isend(h.detach().contiguous(), dst=self.segments[k + 1][0]))
+                self.bytes_sent += tensor_bytes(h)
+            saved[k] = (x_in, h)
+        for k in reversed(range(len(self.segments))):
+            if self.segments[k][0] != ctx.rank:
+                continue
+            x_in, out = saved.pop(k)
+            if k == last:
+                out.backward()
+            else:
+                grad = torch.empty_like(out)
+                dist.recv(grad, src=self.segments[k + 1][0])
+                out.backward(grad)
+            if x_in is not None:
+                pending.append(dist.isend(x_in.grad.contiguous(), dst=self.segments[k - 1][0]))
+                self.bytes_sent += tensor_bytes(x_in.grad)
+        for work in pending:
+            work.wait()
         # the tied weight's two uses may sit on two ranks: sum their gradients (zeros elsewhere)
         w = bb.tok_emb.weight
         grad = (w.grad if w.grad is not None else torch.zeros_like(w)).contiguous()
         dist.all_reduce(grad)
-        if "backbone.tok_emb.weight" in owned:
+        if ctx.rank in (self.placement[0], self.placement[-1]):
             w.grad = grad
-        opt.step()
-        sync(ctx.device)
-        step_seconds.append(time.perf_counter() - t0)
-        sent += nbytes
-        t = torch.tensor([loss], device=ctx.device)
-        dist.all_reduce(t)
-        losses.append(float(t))
+        return loss_sum, n_targets(ids).to(ctx.device)
+
+
+def _owned_by(name: str, placement: list[int]) -> set[int]:
+    """The ranks that hold (and update) parameter ``name`` of the GPT under ``placement``."""
+    if name.startswith("backbone.blocks."):
+        return {placement[int(name.split(".")[2])]}
+    if name.startswith("backbone.ln_f"):
+        return {placement[-1]}
+    if name == "backbone.tok_emb.weight":  # the embedding and the tied output layer
+        return {placement[0], placement[-1]}
+    return {placement[0]}
+
+
+def _last_stage_losses(losses: list[torch.Tensor], src: int, device: torch.device) -> list[float]:
+    """The per-step losses only the last stage computed, sent to every rank in one broadcast."""
+    t = torch.stack(losses).float().to(device)
+    dist.broadcast(t, src=src)
+    return read_losses(list(t))
+
+
+def _bytes_over_ranks(sent: int, steps: int) -> tuple[float, float]:
+    """(largest rank's, all ranks') bytes sent per step."""
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, sent)
+    return max(per_rank) / steps, sum(per_rank) / steps
+
+
+def train_placement(args, ctx: DistContext, placement: list[int]) -> dict:
+    """Train with :class:`PlacementPass`: each rank computes and updates only the blocks it holds
+    (the optimiser skips parameters that received no gradient)."""
+    autocast = autocast_dtype(args, ctx.device)
+    model = build_model(args, ctx.device)
+    opt = strategy_optimizer(model, args)
+    runner = PlacementPass(model, placement, ctx)
+    timer, losses = StepTimer(ctx.device), []
+    for step in range(args.steps):
+        ids = global_batch(step, args).to(ctx.device)
+        dist.barrier()
+        with timer.measure():
+            losses.append(train_step(model, [{"input_ids": ids}], None, opt, autocast=autocast,
+                                     forward_backward=runner).loss)
     parts = [None] * ctx.world_size
-    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in owned.items()})
+    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in model.named_parameters()
+                                   if ctx.rank in _owned_by(k, placement)})
     params: dict[str, torch.Tensor] = {}
-    copies = []
+    copies = [part["backbone.tok_emb.weight"] for part in parts if "backbone.tok_emb.weight" in part]
     for part in parts:
-        if "backbone.tok_emb.weight" in part:
-            copies.append(part["backbone.tok_emb.weight"])
         params.update(part)
-    total_sent = torch.tensor([float(sent)], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(total_sent)
-    return {"params": params, "losses": losses, "n_micro": 1,
-            "tied_copies_max_abs_diff": max(float((c - copies[0]).abs().max()) for c in copies),
-            "seconds_per_step": sorted(step_seconds)[len(step_seconds) // 2],
-            "bubble_measured": None, "bubble_simulated": None,
-            "crossings_per_forward": placement_crossings(placement),
-            "bytes_sent_per_step_all_ranks": float(total_sent) / args.steps}
-
-
-def bubble_fraction(timeline: list[tuple[str, int, float, float]], start: float, end: float) -> float:
-    """Share of [start, end] this stage spent not computing."""
-    busy = sum(e - s for _, _, s, e in timeline)
-    return max(0.0, 1.0 - busy / (end - start))
-
-
-def bubble_theory(n_stages: int, n_micro: int) -> float:
-    """GPipe's idle fraction (p - 1) / (m + p - 1) for equal stage times."""
-    if n_stages < 1 or n_micro < 1:
-        raise ValueError(f"need at least one stage and one micro-batch, got p={n_stages}, m={n_micro}")
-    return (n_stages - 1) / (n_micro + n_stages - 1)
-
-
-def simulate_schedule(orders: list[list[tuple[str, int]]], forward_s: list[float], backward_s: list[float]) -> float:
-    """Replay every stage's order with fixed op durations and instant messages; return the
-    mean idle fraction of the stages over the makespan.
-
-    F(s, i) waits for F(s-1, i); B(s, i) waits for B(s+1, i) (the last stage's for its own
-    F(s, i)); each stage runs its ops one at a time in its order. This isolates the
-    schedule's own bubble from message latency and from other programs on the machine.
-    """
-    p = len(orders)
-    done: dict[tuple[str, int, int], float] = {}
-    clock = [0.0] * p
-    pos = [0] * p
-    while any(pos[s] < len(orders[s]) for s in range(p)):
-        progressed = False
-        for s in range(p):
-            if pos[s] >= len(orders[s]):
-                continue
-            op, i = orders[s][pos[s]]
-            dep = (("F", s - 1, i) if s > 0 else None) if op == "F" else \
-                  (("B", s + 1, i) if s < p - 1 else ("F", s, i))
-            if dep is not None and dep not in done:
-                continue
-            start = max(clock[s], done[dep] if dep is not None else 0.0)
-            clock[s] = start + (forward_s[s] if op == "F" else backward_s[s])
-            done[(op, s, i)] = clock[s]
-            pos[s] += 1
-            progressed = True
-        if not progressed:
-            raise RuntimeError("the schedule deadlocks: some stage waits for a micro-step that never runs")
-    makespan = max(clock)
-    busy = [sum(forward_s[s] if op == "F" else backward_s[s] for op, _ in orders[s]) for s in range(p)]
-    return sum(1.0 - b / makespan for b in busy) / p
+    most, total = _bytes_over_ranks(runner.bytes_sent, args.steps)
+    return {"params": params, "n_micro": 1,
+            **variant_record(losses=_last_stage_losses(losses, placement[-1], ctx.device), bytes_per_step=most,
+                             seconds_per_step=timer.median, bytes_per_step_all_ranks=total,
+                             tied_copies_max_abs_diff=max(float((c - copies[0]).abs().max()) for c in copies),
+                             bubble_measured=None, bubble_simulated=None,
+                             crossings_per_forward=placement_crossings(placement))}
 
 
 def gather_params(stage: Stage, ctx: DistContext) -> dict[str, torch.Tensor]:
-    """Every stage's weights on every rank, under the GPT's names."""
-    mine = {}
-    for name, p in stage.named_parameters():
-        if name == "head_weight":
-            mine["_head_copy"] = p.detach().cpu()
-        elif name.startswith(("tok_emb", "pos_emb", "ln_f")):
-            mine[f"backbone.{name}"] = p.detach().cpu()
-        else:
-            mine[f"backbone.{name}"] = p.detach().cpu()
+    """Every stage's weights on every rank, under the GPT's names (the head copy as ``_head_copy``)."""
+    mine = {("_head_copy" if name == "head_weight" else f"backbone.{name}"): p.detach().cpu()
+            for name, p in stage.named_parameters()}
     parts = [None] * ctx.world_size
     dist.all_gather_object(parts, mine)
     out = {}
@@ -349,85 +353,59 @@ def gather_params(stage: Stage, ctx: DistContext) -> dict[str, torch.Tensor]:
     return out
 
 
-def train_variant(variant: str, args, ctx: DistContext, n_micro: int) -> dict:
+STAGE_VARIANTS = ("naive", "by_hand", "by_hand_1f1b", "gpipe", "1f1b")
+
+
+def train_variant(variant: str, args, ctx: DistContext, n_micro: int, *, timed: bool = False) -> dict:
     if variant == "round_robin":  # the source chapter's placement, one batch, no micro-batches
         return train_placement(args, ctx, layer_placement(args.n_layers, ctx.world_size, "round_robin"))
-    if variant not in ("naive", "by_hand", "by_hand_1f1b", "gpipe", "1f1b"):
-        raise ValueError(f"unknown variant {variant!r}; choose among naive, by_hand, by_hand_1f1b, gpipe, 1f1b, "
-                         "round_robin")
-    model = build_model(args, ctx.device)
-    stage = Stage(model, ctx.rank, ctx.world_size)
-    opt = make_optimizer(stage.parameters(), args)
-    schedule = None
+    if variant not in STAGE_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(STAGE_VARIANTS)}, round_robin")
+    autocast = autocast_dtype(args, ctx.device)
+    stage = pipeline_stage(build_model(args, ctx.device), ctx.rank, ctx.world_size)
+    opt = strategy_optimizer(stage, args)
+    m = 1 if variant == "naive" else n_micro
     if variant in ("gpipe", "1f1b"):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-        pipe_stage = PipelineStage(stage, ctx.rank, ctx.world_size, ctx.device)
-        kind = ScheduleGPipe if variant == "gpipe" else Schedule1F1B
-        schedule = kind(pipe_stage, n_micro, loss_fn=lambda logits, ids: clm_loss(logits, ids))
-    losses, step_seconds, bubbles, sent, op_times = [], [], [], 0, []
+        schedule = TorchSchedule(stage, ctx, variant, m)
+    else:
+        schedule = ByHandSchedule(stage, ctx, one_f_one_b_order if variant == "by_hand_1f1b" else gpipe_order,
+                                  timed=timed)
+    timer, losses = StepTimer(ctx.device), []
     for step in range(args.steps):
-        ids = global_batch(step, args).to(ctx.device)
-        opt.zero_grad(set_to_none=True)
+        micro = [{"input_ids": chunk} for chunk in global_batch(step, args).to(ctx.device).chunk(m)]
         dist.barrier()
-        sync(ctx.device)
-        t0 = time.perf_counter()
-        if schedule is not None:
-            micro_losses: list[torch.Tensor] = []
-            if stage.first:
-                schedule.step(ids)
-            elif stage.last:
-                schedule.step(target=ids, losses=micro_losses)
-            else:
-                schedule.step()
-            loss = float(sum(l.item() for l in micro_losses) / n_micro) if stage.last else 0.0
-            timeline = []
-        else:
-            order_fn = gpipe_order if variant in ("by_hand", "naive") else one_f_one_b_order
-            order = order_fn(1 if variant == "naive" else n_micro, ctx.rank, ctx.world_size)
-            loss, timeline, nbytes = run_schedule_by_hand(stage, ids, order, ctx, args.d_model)
-            sent += nbytes
-        sync(ctx.device)
-        t_end = time.perf_counter()
-        dist.barrier()
-        step_seconds.append(t_end - t0)
-        if timeline:
-            local = torch.tensor([bubble_fraction(timeline, t0, t_end)], device=ctx.device)
-            dist.all_reduce(local)
-            bubbles.append(float(local) / ctx.world_size)
-            f = [e - s for op, _, s, e in timeline if op == "F"]
-            b = [e - s for op, _, s, e in timeline if op == "B"]
-            op_times.append((sum(f) / len(f), sum(b) / len(b)))
-        sync_tied_gradients(stage, args.vocab, args.d_model, ctx.device)
-        opt.step()
-        # only the last stage knows the loss; share it for reporting
-        t = torch.tensor([loss if stage.last else 0.0], device=ctx.device)
-        dist.all_reduce(t)
-        losses.append(float(t))
+        with timer.measure():
+            losses.append(train_step(stage, micro, None, opt, autocast=autocast, forward_backward=schedule).loss)
     params = gather_params(stage, ctx)
     head = params.pop("_head_copy")
-    simulated = None
-    if op_times:
-        # median op durations per stage, then replay the schedule without the machine's noise
-        mine = (sorted(t[0] for t in op_times)[len(op_times) // 2], sorted(t[1] for t in op_times)[len(op_times) // 2])
+    measured = simulated = None
+    if isinstance(schedule, ByHandSchedule) and schedule.steps:
+        # the first step pays allocation and connection set-up: leave it out when there are others
+        steps = schedule.steps[1:] if len(schedule.steps) > 1 else schedule.steps
+        mine = {"bubble": sum(bubble_fraction(s["busy"], s["window"]) for s in steps) / len(steps),
+                "forward": sorted(s["forward"] for s in steps)[len(steps) // 2],
+                "backward": sorted(s["backward"] for s in steps)[len(steps) // 2]}
         per_stage = [None] * ctx.world_size
         dist.all_gather_object(per_stage, mine)
-        order_fn = one_f_one_b_order if variant == "by_hand_1f1b" else gpipe_order
-        m = 1 if variant == "naive" else n_micro
-        simulated = simulate_schedule([order_fn(m, s, ctx.world_size) for s in range(ctx.world_size)],
-                                      [t[0] for t in per_stage], [t[1] for t in per_stage])
-    return {"params": params, "losses": losses, "n_micro": 1 if variant == "naive" else n_micro,
-            "tied_copies_max_abs_diff": float((head - params["backbone.tok_emb.weight"]).abs().max()),
-            "seconds_per_step": sorted(step_seconds)[len(step_seconds) // 2],
-            "bubble_measured": (sum(bubbles[1:]) / len(bubbles[1:]) if len(bubbles) > 1 else
-                                (bubbles[0] if bubbles else None)),
-            "bubble_simulated": simulated,
-            "bytes_sent_per_step_per_rank": sent / args.steps if sent else None}
+        measured = sum(r["bubble"] for r in per_stage) / ctx.world_size
+        # median op durations per stage, then replay the schedule without the machine's noise
+        simulated = simulate_schedule([schedule.order_fn(m, s, ctx.world_size) for s in range(ctx.world_size)],
+                                      [r["forward"] for r in per_stage], [r["backward"] for r in per_stage])
+    most, total = _bytes_over_ranks(getattr(schedule, "bytes_sent", 0), args.steps)
+    return {"params": params, "n_micro": m,
+            **variant_record(losses=_last_stage_losses(losses, ctx.world_size - 1, ctx.device),
+                             # torch.distributed.pipelining's own sends are not counted
+                             bytes_per_step=most if isinstance(schedule, ByHandSchedule) else None,
+                             seconds_per_step=timer.median,
+                             bytes_per_step_all_ranks=total if isinstance(schedule, ByHandSchedule) else None,
+                             tied_copies_max_abs_diff=float((head - params["backbone.tok_emb.weight"]).abs().max()),
+                             bubble_measured=measured, bubble_simulated=simulated)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("Pipeline parallelism: naive split, GPipe and 1F1B, by hand and with torch pipelining.")
     parser.add_argument("--micro", type=int, default=4, help="micro-batches per step for the equivalence runs")
-    parser.add_argument("--variants", default="naive,by_hand,by_hand_1f1b,gpipe,1f1b,round_robin")
+    parser.add_argument("--variants", default=",".join(STAGE_VARIANTS + ("round_robin",)))
     parser.add_argument("--bubble-micro", default="1,2,4,8",
                         help="micro-batch counts for the bubble measurement ('' to skip)")
     parser.add_argument("--bubble-steps", type=int, default=3)
@@ -444,10 +422,11 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--batch {args.batch} is not divisible by --micro {args.micro}")
     stage_layers(args.n_layers, ctx.world_size)  # fails early with a clear message
     inject_fault(args, ctx)
-    ref_model, ref_losses = reference_run(args, ctx.device)
+    autocast = autocast_dtype(args, ctx.device)
+    ref_model, ref_losses = reference_run(args, ctx.device, autocast=autocast)
     ref = params_of(ref_model)
-    metrics: dict = {"strategy": "pipeline_parallel", "world_size": ctx.world_size, "backend": ctx.backend,
-                     "device": str(ctx.device), "reference_losses": ref_losses, "variants": {}, "bubble": []}
+    metrics = run_header("pipeline_parallel", args, ctx, ref_model, ref_losses, autocast)
+    metrics["bubble"] = []
     for variant in [v for v in args.variants.split(",") if v]:
         out = train_variant(variant, args, ctx, args.micro)
         out["max_abs_diff_vs_single"] = max(max_abs_diff(out.pop("params"), ref), out["tied_copies_max_abs_diff"])
@@ -460,10 +439,9 @@ def main(argv: list[str] | None = None) -> None:
         bubble_args.steps = args.bubble_steps
         bubble_args.d_model, bubble_args.seq_len = args.bubble_d_model, args.bubble_seq_len
         bubble_args.batch = args.bubble_batch
-        out = train_variant("by_hand", bubble_args, ctx, m)
-        metrics["bubble"].append({"n_micro": m, "measured": out["bubble_measured"],
-                                  "simulated": out["bubble_simulated"],
-                                  "theory": bubble_theory(ctx.world_size, m),
+        out = train_variant("by_hand", bubble_args, ctx, m, timed=True)
+        metrics["bubble"].append({"n_micro": m, "n_layers": bubble_args.n_layers, "measured": out["bubble_measured"],
+                                  "simulated": out["bubble_simulated"], "theory": bubble_theory(ctx.world_size, m),
                                   "seconds_per_step": out["seconds_per_step"]})
     metrics["max_abs_diff_vs_single"] = max((v["max_abs_diff_vs_single"] for v in metrics["variants"].values()),
                                             default=None)

@@ -11,13 +11,13 @@ Fig. 3): :class:`CopyToTensorParallel` is the identity forward and all-reduces t
 gradient backward; :class:`ReduceFromTensorParallel` all-reduces forward and is the
 identity backward.
 
-The module trains the course's GPT with every block converted, once by hand and once
-with DTensor (``init_device_mesh`` + ``parallelize_module``), and compares the weights
-with one process training the unsharded model.
+:func:`apply_tensor_parallel` converts every block of the course's GPT, by hand or with
+DTensor (``parallelize_module``); the module trains both with the engine's ``train_step``
+and compares the weights with one process training the unsharded model.
 """
 from __future__ import annotations
 
-import time
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -25,12 +25,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import GPT
-from ..objectives import clm_loss
-from .common import (DistContext, base_parser, build_model, check_args, global_batch, inject_fault, make_optimizer,
-                     max_abs_diff, params_of, reference_run, run_main, setup, sync, teardown, tensor_bytes,
-                     write_metrics)
+from ..train import clm_objective, train_step
+from .arguments import autocast_dtype, base_parser, check_args
+from .comm_model import tensor_parallel_bytes
+from .errors import run_main
+from .faults import inject_fault
+from .metrics import StepTimer, max_abs_diff, params_of, read_losses, tensor_bytes, variant_record, write_metrics
+from .process_group import DistContext, setup, teardown
+from .reference import build_model, global_batch, reference_run, run_header, strategy_optimizer
 
-_COMM = {"bytes": 0}  # bytes all-reduced by the two operators below, read by the training loop
+
+class TensorParallelComm:
+    """The tensor-parallel group and a count of the bytes its all-reduces carried."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group, self.bytes = group, 0
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t, group=self.group)
+        self.bytes += tensor_bytes(t)
+        return t
 
 
 class CopyToTensorParallel(torch.autograd.Function):
@@ -38,15 +52,13 @@ class CopyToTensorParallel(torch.autograd.Function):
     columns contributed part of it)."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, comm):
+        ctx.comm = comm
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        _COMM["bytes"] += tensor_bytes(grad)
-        return grad
+        return ctx.comm.all_reduce(grad.contiguous()), None
 
 
 class ReduceFromTensorParallel(torch.autograd.Function):
@@ -54,43 +66,38 @@ class ReduceFromTensorParallel(torch.autograd.Function):
     (every rank needs the whole output gradient)."""
 
     @staticmethod
-    def forward(ctx, x):
-        x = x.contiguous().clone()
-        dist.all_reduce(x)
-        _COMM["bytes"] += tensor_bytes(x)
-        return x
+    def forward(ctx, x, comm):
+        return comm.all_reduce(x.contiguous().clone())
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
-def shard_rows(weight: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Rank ``rank``'s block of output features: ``(out / p, in)`` of an ``(out, in)`` weight."""
+def column_shard(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, world_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rank ``rank``'s block of output features of an ``(out, in)`` weight: ``(out / p, in)`` and ``(out / p,)``."""
     if weight.size(0) % world_size:
         raise ValueError(f"{weight.size(0)} output features cannot be split over {world_size} ranks")
-    return weight.chunk(world_size, dim=0)[rank]
+    return weight.chunk(world_size, dim=0)[rank], None if bias is None else bias.chunk(world_size)[rank]
 
 
 def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rank: int,
                            world_size: int) -> torch.Tensor:
-    """This rank's output columns of ``x @ weight.T + bias``: ``(..., out / p)``.
+    """This rank's output columns of ``x @ weight.T + bias``: ``(..., out / p)``, from the full weight.
 
-    ``weight`` is the full ``(out, in)`` matrix; the rank keeps its contiguous block of rows
-    (output features). Concatenating every rank's result gives the full output.
+    Concatenating every rank's result gives the full output (what the exercise checks).
     """
-    w = shard_rows(weight, rank, world_size)
-    b = None if bias is None else bias.chunk(world_size)[rank]
-    return F.linear(x, w, b)
+    return F.linear(x, *column_shard(weight, bias, rank, world_size))
 
 
 class ColumnParallelLinear(nn.Module):
-    """Holds rows ``rank`` of ``W``: output ``(..., out / p)``; no communication."""
+    """Holds :func:`column_shard` of a linear layer: output ``(..., out / p)``; no communication."""
 
     def __init__(self, full: nn.Linear, rank: int, world_size: int):
         super().__init__()
-        self.weight = nn.Parameter(shard_rows(full.weight.detach(), rank, world_size).clone())
-        self.bias = nn.Parameter(full.bias.detach().chunk(world_size)[rank].clone())
+        weight, bias = column_shard(full.weight.detach(), full.bias.detach(), rank, world_size)
+        self.weight, self.bias = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -100,27 +107,29 @@ class RowParallelLinear(nn.Module):
     """Holds input columns ``rank`` of ``W``: partial products are summed by one all-reduce;
     the bias is added once, after the sum."""
 
-    def __init__(self, full: nn.Linear, rank: int, world_size: int):
+    def __init__(self, full: nn.Linear, rank: int, world_size: int, comm: TensorParallelComm):
         super().__init__()
         if full.in_features % world_size:
             raise ValueError(f"{full.in_features} input features cannot be split over {world_size} ranks")
+        self.comm = comm
         self.weight = nn.Parameter(full.weight.detach().chunk(world_size, dim=1)[rank].clone())
         self.bias = nn.Parameter(full.bias.detach().clone())
 
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
-        return ReduceFromTensorParallel.apply(F.linear(x_local, self.weight)) + self.bias
+        return ReduceFromTensorParallel.apply(F.linear(x_local, self.weight), self.comm) + self.bias
 
 
 class TensorParallelMLP(nn.Module):
     """``down(gelu(up(x)))`` with ``up`` column-parallel and ``down`` row-parallel: one all-reduce forward."""
 
-    def __init__(self, mlp: nn.Module, rank: int, world_size: int):
+    def __init__(self, mlp: nn.Module, rank: int, world_size: int, comm: TensorParallelComm):
         super().__init__()
+        self.comm = comm
         self.up = ColumnParallelLinear(mlp.up, rank, world_size)
-        self.down = RowParallelLinear(mlp.down, rank, world_size)
+        self.down = RowParallelLinear(mlp.down, rank, world_size, comm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = CopyToTensorParallel.apply(x)
+        x = CopyToTensorParallel.apply(x, self.comm)
         return self.down(F.gelu(self.up(x)))
 
 
@@ -141,6 +150,12 @@ def split_qkv(qkv: nn.Linear) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
     return tuple(out)
 
 
+def _only_causal(*masks) -> None:
+    """The block passes its optional masks (padding, prefix) on; the lesson's batches use none."""
+    if any(m is not None for m in masks):
+        raise NotImplementedError("the tensor-parallel lesson uses unpadded, purely causal batches")
+
+
 class HeadSplitAttention(nn.Module):
     """Causal self-attention with separate q, k, v layers; works on all heads or on a
     rank's share of them (the head count is read from the layer's output width)."""
@@ -158,52 +173,75 @@ class HeadSplitAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return y.transpose(1, 2).reshape(b, t, -1)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if key_padding_mask is not None:
-            raise NotImplementedError("the tensor-parallel lesson uses unpadded batches")
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *masks) -> torch.Tensor:
+        _only_causal(key_padding_mask, *masks)
         return self.proj(self.attend(x))
 
 
 class TensorParallelAttention(HeadSplitAttention):
     """Each rank computes n_heads / p heads: q, k, v column-parallel, proj row-parallel."""
 
-    def __init__(self, attn: nn.Module, head_dim: int, n_heads: int, rank: int, world_size: int):
+    def __init__(self, attn: nn.Module, head_dim: int, n_heads: int, rank: int, world_size: int,
+                 comm: TensorParallelComm):
         if n_heads % world_size:
             raise ValueError(f"{n_heads} heads cannot be split over {world_size} ranks; pick n_heads divisible by it")
         super().__init__(attn, head_dim)
+        self.comm = comm
         self.q, self.k, self.v = (ColumnParallelLinear(lin, rank, world_size) for lin in (self.q, self.k, self.v))
-        self.proj = RowParallelLinear(attn.proj, rank, world_size)
+        self.proj = RowParallelLinear(attn.proj, rank, world_size, comm)
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if key_padding_mask is not None:
-            raise NotImplementedError("the tensor-parallel lesson uses unpadded batches")
-        return self.proj(self.attend(CopyToTensorParallel.apply(x)))
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *masks) -> torch.Tensor:
+        _only_causal(key_padding_mask, *masks)
+        return self.proj(self.attend(CopyToTensorParallel.apply(x, self.comm)))
 
 
-def parallelize_by_hand(model: GPT, rank: int, world_size: int) -> GPT:
-    """Replace every block's attention and MLP by their tensor-parallel versions (in place).
+DTENSOR_PLAN = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.up", "mlp.down")
 
+
+def apply_tensor_parallel(model: GPT, mesh, *, implementation: str = "dtensor",
+                          comm: TensorParallelComm | None = None) -> GPT:
+    """Split every block's attention (by heads) and MLP over the 1-D ``mesh`` (in place).
+
+    ``implementation="by_hand"`` uses this module's layers and the f/g operators (``comm``
+    counts their bytes); ``"dtensor"`` the same split with ``parallelize_module``
+    (``ColwiseParallel`` for q, k, v and up; ``RowwiseParallel`` for proj and down).
     Embeddings, LayerNorms and the tied output layer stay replicated: every rank computes
     them identically, and f's backward all-reduce gives them the full gradient.
     """
     c = model.config
-    for block in model.backbone.blocks:
-        block.attn = TensorParallelAttention(block.attn, c.head_dim, c.n_heads, rank, world_size)
-        block.mlp = TensorParallelMLP(block.mlp, rank, world_size)
+    if c.n_heads % mesh.size():
+        raise ValueError(f"{c.n_heads} heads cannot be split over {mesh.size()} ranks; pick n_heads divisible by it")
+    if implementation == "by_hand":
+        rank, world = mesh.get_local_rank(), mesh.size()
+        comm = comm if comm is not None else TensorParallelComm(mesh.get_group())
+        for block in model.backbone.blocks:
+            block.attn = TensorParallelAttention(block.attn, c.head_dim, c.n_heads, rank, world, comm)
+            block.mlp = TensorParallelMLP(block.mlp, rank, world, comm)
+    elif implementation == "dtensor":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        plan = {name: RowwiseParallel() if name.endswith(("proj", "down")) else ColwiseParallel()
+                for name in DTENSOR_PLAN}
+        for block in model.backbone.blocks:
+            block.attn = HeadSplitAttention(block.attn, c.head_dim)
+            parallelize_module(block, mesh, plan)
+    else:
+        raise ValueError(f"unknown implementation {implementation!r}; choose 'by_hand' or 'dtensor'")
     return model
 
 
-def parallelize_with_dtensor(model: GPT, ctx: DistContext) -> GPT:
-    """The same split with ``torch.distributed.tensor.parallel`` on a 1-D device mesh."""
+def _mixed_tensor_kinds(variant: str):
+    """DTensor's split leaves the embeddings and LayerNorms plain tensors; the engine's fused
+    gradient ops (one call over all gradients) then see both kinds, which DTensor allows only
+    when plain tensors are declared replicated, as they are here (every rank holds all of them)."""
+    if variant != "dtensor":
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.experimental import implicit_replication
+    return implicit_replication()
+
+
+def _tp_mesh(ctx: DistContext):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-    plan = {"attn.q": ColwiseParallel(), "attn.k": ColwiseParallel(), "attn.v": ColwiseParallel(),
-            "attn.proj": RowwiseParallel(), "mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel()}
-    for block in model.backbone.blocks:
-        block.attn = HeadSplitAttention(block.attn, model.config.head_dim)
-        parallelize_module(block, mesh, plan)
-    return model
+    return init_device_mesh(ctx.device.type, (ctx.world_size,))
 
 
 def gather_full_params(model: GPT, variant: str, ctx: DistContext) -> dict[str, torch.Tensor]:
@@ -245,7 +283,7 @@ def check_forward_backward(args, ctx: DistContext) -> dict[str, float]:
     y_ref = block(x_ref)
     (y_ref * w).sum().backward()
     up_grad_ref = block.mlp.up.weight.grad.detach().clone()
-    parallelize_by_hand(model, ctx.rank, ctx.world_size)
+    apply_tensor_parallel(model, _tp_mesh(ctx), implementation="by_hand")
     x_tp = x.clone().requires_grad_(True)
     y_tp = block(x_tp)
     (y_tp * w).sum().backward()
@@ -253,37 +291,29 @@ def check_forward_backward(args, ctx: DistContext) -> dict[str, float]:
     y_tp, y_ref = y_tp.detach(), y_ref.detach()
     return {"output_max_abs_diff": float((y_tp - y_ref).abs().max()),
             "input_grad_max_abs_diff": float((x_tp.grad - x_ref.grad).abs().max()),
-            "mlp_up_grad_shard_max_abs_diff": float((up_grad_tp - shard_rows(up_grad_ref, ctx.rank,
-                                                                              ctx.world_size)).abs().max())}
+            "mlp_up_grad_shard_max_abs_diff": float((up_grad_tp - column_shard(up_grad_ref, None, ctx.rank,
+                                                                                ctx.world_size)[0]).abs().max())}
 
 
 def train_variant(variant: str, args, ctx: DistContext) -> dict:
-    model = build_model(args, ctx.device)
-    if variant == "by_hand":
-        parallelize_by_hand(model, ctx.rank, ctx.world_size)
-    elif variant == "dtensor":
-        parallelize_with_dtensor(model, ctx)
-    else:
+    if variant not in ("by_hand", "dtensor"):
         raise ValueError(f"unknown variant {variant!r}; choose by_hand or dtensor")
-    opt = make_optimizer(model.parameters(), args)
-    losses, step_seconds = [], []
-    _COMM["bytes"] = 0
+    autocast = autocast_dtype(args, ctx.device)
+    model = build_model(args, ctx.device)
+    comm = TensorParallelComm()
+    apply_tensor_parallel(model, _tp_mesh(ctx), implementation=variant, comm=comm)
+    opt = strategy_optimizer(model, args)
+    timer, losses = StepTimer(ctx.device), []
     for step in range(args.steps):
         ids = global_batch(step, args).to(ctx.device)  # every rank sees the whole batch: it holds part of each layer
-        sync(ctx.device)
-        t0 = time.perf_counter()
-        loss = clm_loss(model(ids), ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(ctx.device)
-        step_seconds.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    local_param_bytes = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in model.parameters())
-    return {"params": gather_full_params(model, variant, ctx), "losses": losses,
-            "seconds_per_step": sorted(step_seconds)[len(step_seconds) // 2],
-            "bytes_all_reduced_per_step": _COMM["bytes"] / args.steps if variant == "by_hand" else None,
-            "local_param_bytes": local_param_bytes}
+        with timer.measure(), _mixed_tensor_kinds(variant):
+            losses.append(train_step(model, [{"input_ids": ids}], clm_objective, opt, autocast=autocast).loss)
+    local_param_bytes = sum(tensor_bytes(p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters())
+    return {"params": gather_full_params(model, variant, ctx),
+            **variant_record(losses=read_losses(losses), seconds_per_step=timer.median,
+                             # DTensor's collectives are its own: only the by-hand operators are counted
+                             bytes_per_step=comm.bytes / args.steps if variant == "by_hand" else None,
+                             local_param_bytes=local_param_bytes)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,15 +325,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.n_heads % ctx.world_size:
         raise ValueError(f"--n-heads {args.n_heads} must be divisible by the {ctx.world_size} ranks")
     inject_fault(args, ctx)
-    ref_model, ref_losses = reference_run(args, ctx.device)
+    autocast = autocast_dtype(args, ctx.device)
+    ref_model, ref_losses = reference_run(args, ctx.device, autocast=autocast)
     ref = params_of(ref_model)
     c = ref_model.config
-    metrics: dict = {"strategy": "tensor_parallel", "world_size": ctx.world_size, "backend": ctx.backend,
-                     "device": str(ctx.device), "reference_losses": ref_losses,
-                     "full_param_bytes": sum(tensor_bytes(p) for p in ref_model.parameters()),
-                     # 2 all-reduces forward + 2 backward per block, each of one activation (batch, seq, d_model)
-                     "predicted_bytes_per_step": 4 * c.n_layers * args.batch * args.seq_len * c.d_model * 4,
-                     "block_check": check_forward_backward(args, ctx), "variants": {}}
+    param_dtype = next(ref_model.parameters()).dtype
+    # forward all-reduces carry a linear layer's output (the autocast dtype); backward ones the
+    # gradient of a LayerNorm's output, which stays in the parameters' dtype
+    forward_dtype = autocast if autocast is not None else param_dtype
+    metrics = run_header("tensor_parallel", args, ctx, ref_model, ref_losses, autocast)
+    metrics["full_param_bytes"] = metrics["param_bytes"]
+    metrics["predicted_bytes_per_step"] = tensor_parallel_bytes(
+        n_layers=c.n_layers, batch=args.batch, seq_len=args.seq_len, d_model=c.d_model,
+        forward_value_bytes=torch.finfo(forward_dtype).bits // 8, backward_value_bytes=torch.finfo(param_dtype).bits // 8)
+    metrics["block_check"] = check_forward_backward(args, ctx)
     for variant in args.variants.split(","):
         dist.barrier()
         out = train_variant(variant, args, ctx)

@@ -3,29 +3,38 @@
 With data parallelism every rank stores all parameters (Ψ numbers), all gradients (Ψ)
 and all of Adam's state (2Ψ). ZeRO (Rajbhandari et al., 2020) splits them over the p
 ranks: stage 1 shards the optimiser state, stage 2 also the gradients, stage 3 also the
-parameters. Variants run here, each checked against one process on the global batch:
+parameters. Variants run here, each trained with the engine's ``train_step`` and checked
+against one process on the global batch:
 
-- ``zero1``: ``ZeroRedundancyOptimizer`` around AdamW under DDP (stage 1);
-- ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every block and the root (stage 3);
-- ``by_hand``: stage 3 written out: the flat parameter vector is sharded; each step
-  all-gathers it, runs forward/backward on the full copy, reduce-scatters the flat
-  gradient so each rank receives the averaged slice it owns, and updates only that slice.
+- ``zero1``: :func:`~.strategies.apply_zero1` (``ZeroRedundancyOptimizer``) under DDP;
+- ``fsdp2``: :func:`~.strategies.apply_fsdp` (``fully_shard`` on every block and the root);
+- ``by_hand``: the sharding written out: each optimiser group's parameters form one flat
+  vector, sharded; each step all-gathers it, runs forward/backward on the full copy,
+  reduce-scatters the flat gradient so each rank receives the summed slice it owns, and
+  updates only that slice.
 
-Each variant measures the bytes per rank of parameters, gradients and optimiser state.
+Each variant reports the bytes per rank of parameters, gradients and optimiser state.
 """
 from __future__ import annotations
-
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ..objectives import clm_loss
-from .common import (DistContext, all_reduce_mean_scalar, base_parser, build_model, check_args, global_batch,
-                     inject_fault, local_shard, make_optimizer, max_abs_diff, params_of, reference_run, run_main,
-                     setup, sync, teardown, tensor_bytes, write_metrics)
+from ..data.synthetic import local_shard
+from ..train import clm_objective, default_forward_backward, train_step
+from .arguments import autocast_dtype, base_parser, check_args
+from .errors import run_main
+from .faults import inject_fault
+from .metrics import StepTimer, max_abs_diff, params_of, read_losses, tensor_bytes, variant_record, write_metrics
+from .process_group import DistContext, setup, teardown
+from .reference import (ADAM_EPS, WEIGHT_DECAY, build_model, global_batch, reference_run, run_header,
+                        strategy_optimizer)
+from .strategies import apply_ddp, apply_fsdp, apply_zero1, bf16_mixed_precision
+
+# torch >= 2.13 names these collectives *_single and deprecates the old names; use whichever exists
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def zero_memory_formula(n_params: int, world_size: int, stage: int, *, param_bytes: int = 4, grad_bytes: int = 4,
@@ -46,15 +55,6 @@ def zero_memory_formula(n_params: int, world_size: int, stage: int, *, param_byt
             "optim": n_params * optim_bytes / (p if stage >= 1 else 1)}
 
 
-def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    total = 0
-    for state in opt.state.values():
-        for v in state.values():
-            if isinstance(v, torch.Tensor) and v.dim() > 0:  # skip the scalar step counter
-                total += _local(v).numel() * v.element_size()
-    return total
-
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The part of a (possibly DTensor) tensor this rank stores."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -64,126 +64,154 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-class FlatShardedModel:
-    """ZeRO-3 by hand: each rank owns 1/p of the flat parameter vector and its Adam state.
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the optimiser's per-parameter state on this rank (the scalar step counters left out)."""
+    return sum(tensor_bytes(_local(v)) for state in opt.state.values() for v in state.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0)
 
-    ``model`` is the compute copy; its parameters are overwritten from the all-gathered
-    flat vector before every forward pass (a real implementation frees them after use).
-    """
 
-    def __init__(self, model: nn.Module, ctx: DistContext, args):
-        self.model, self.ctx = model, ctx
-        self.params = [p for p in model.parameters()]
-        flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+class FlatShard:
+    """One optimiser group's parameters as a flat vector, padded to ``p`` equal slices; this rank owns one."""
+
+    def __init__(self, params: list[nn.Parameter], ctx: DistContext):
+        self.params, self.ctx = params, ctx
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
         self.numel = flat.numel()
-        self.padded = -(-self.numel // ctx.world_size) * ctx.world_size  # pad so the shards are equal
-        self.shard_size = self.padded // ctx.world_size
-        full = torch.zeros(self.padded, device=flat.device)
+        self.padded = -(-self.numel // ctx.world_size) * ctx.world_size  # pad so the slices are equal
+        self.size = self.padded // ctx.world_size
+        full = torch.zeros(self.padded, dtype=flat.dtype, device=flat.device)
         full[:self.numel] = flat
-        lo = ctx.rank * self.shard_size
-        self.shard = nn.Parameter(full[lo:lo + self.shard_size].clone())
-        self.opt = make_optimizer([self.shard], args)
-        self.bytes_sent = 0
+        self.slice = full[ctx.rank * self.size:(ctx.rank + 1) * self.size].clone()
 
-    def gather_params(self) -> None:
-        """All-gather the shards into the full flat vector and copy it into the model."""
-        full = torch.empty(self.padded, device=self.shard.device)
-        dist.all_gather_into_tensor(full, self.shard.detach())
-        self.bytes_sent += tensor_bytes(full)
+    def gather_params(self, owned: torch.Tensor) -> int:
+        """All-gather every rank's slice and copy the full vector into the model; returns bytes."""
+        full = torch.empty(self.padded, dtype=owned.dtype, device=owned.device)
+        _all_gather(full, owned.detach().reshape(-1).contiguous())
         offset = 0
         with torch.no_grad():
             for p in self.params:
                 p.copy_(full[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
+        return tensor_bytes(full)
 
-    def reduce_scatter_grads(self) -> None:
-        """Flatten the full gradients and reduce-scatter them: this rank gets the averaged slice it owns."""
-        flat = torch.zeros(self.padded, device=self.shard.device)
+    def reduce_scatter_grads(self, owned: nn.Parameter) -> int:
+        """Reduce-scatter the flat gradient: ``owned.grad`` becomes the sum over ranks of this rank's slice."""
+        flat = torch.zeros(self.padded, dtype=owned.dtype, device=owned.device)
         flat[:self.numel] = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                                        for p in self.params])
-        mine = torch.empty(self.shard_size, device=self.shard.device)
-        dist.reduce_scatter_tensor(mine, flat, op=dist.ReduceOp.SUM)
-        self.bytes_sent += tensor_bytes(flat)
-        self.shard.grad = mine / self.ctx.world_size
+        mine = torch.empty(self.size, dtype=owned.dtype, device=owned.device)
+        _reduce_scatter(mine, flat, op=dist.ReduceOp.SUM)
+        # averaged like DDP's gradients; the engine then rescales by world / global token count
+        owned.grad = (mine / self.ctx.world_size).view_as(owned)
         for p in self.params:
             p.grad = None  # the full gradient is not kept: only the owned slice is
+        return tensor_bytes(flat)
 
-    def memory(self) -> dict[str, int]:
-        b = self.shard.element_size()
-        return {"params": self.shard_size * b, "grads": self.shard_size * b, "optim": _state_bytes(self.opt)}
+
+class FlatShardedModel(nn.Module):
+    """ZeRO-3 by hand: each rank owns 1/p of each optimiser group's flat parameter vector.
+
+    ``model`` is the compute copy; its parameters are overwritten from the all-gathered
+    vectors before every forward pass (a real implementation frees them after use). The
+    owned slices are this module's parameters, so ``build_optimizer(self)`` gives them
+    Adam's state; the decayed group's slice is stored as a ``(1, n)`` row so that the
+    builder's rule (decay matrices, not vectors) sees it as the slice of matrices it is.
+    """
+
+    def __init__(self, model: nn.Module, ctx: DistContext):
+        super().__init__()
+        self.compute_model = [model]  # a list: not registered, so its parameters are not this module's
+        named = dict(model.named_parameters())
+        groups = {"matrices": [p for p in named.values() if p.dim() >= 2],
+                  "vectors": [p for p in named.values() if p.dim() < 2]}
+        self.shards = {name: FlatShard(params, ctx) for name, params in groups.items() if params}
+        if "matrices" in self.shards:
+            self.matrices = nn.Parameter(self.shards["matrices"].slice.view(1, -1))
+        if "vectors" in self.shards:
+            self.vectors = nn.Parameter(self.shards["vectors"].slice)
+        self.bytes_sent = 0
+
+    def gather_params(self) -> None:
+        for name, shard in self.shards.items():
+            self.bytes_sent += shard.gather_params(getattr(self, name))
+
+    def reduce_scatter_grads(self) -> None:
+        for name, shard in self.shards.items():
+            self.bytes_sent += shard.reduce_scatter_grads(getattr(self, name))
+
+    def forward_backward(self, model, micro_batches, objective, **kwargs):
+        """The engine's ``forward_backward``: gather, forward/backward on the full copy, reduce-scatter."""
+        self.gather_params()
+        result = default_forward_backward(model, micro_batches, objective, **kwargs)
+        self.reduce_scatter_grads()
+        return result
+
+    def memory(self, opt: torch.optim.Optimizer) -> dict[str, int]:
+        owned = sum(tensor_bytes(p) for p in self.parameters())
+        return {"params": owned, "grads": owned, "optim": _state_bytes(opt)}
+
+
+VARIANTS = ("zero1", "fsdp2", "by_hand")
 
 
 def train_variant(variant: str, args, ctx: DistContext) -> dict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(VARIANTS)}")
+    autocast = autocast_dtype(args, ctx.device)
     model = build_model(args, ctx.device)
     sharded: FlatShardedModel | None = None
+    forward_backward = None
     if variant == "zero1":
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        net: nn.Module = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.AdamW, lr=args.lr,
-                                      weight_decay=0.01, eps=1e-6)
+        net: nn.Module = apply_ddp(model, ctx)
+        opt = apply_zero1(model, lr=args.lr, weight_decay=WEIGHT_DECAY, eps=ADAM_EPS)
     elif variant == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
-        for block in model.backbone.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        net, opt = model, make_optimizer(model.parameters(), args)
-    elif variant == "by_hand":
-        sharded = FlatShardedModel(model, ctx, args)
-        net, opt = model, sharded.opt
+        net = apply_fsdp(model, mesh, mixed_precision=bf16_mixed_precision() if autocast is not None else None)
+        opt = strategy_optimizer(model, args)
     else:
-        raise ValueError(f"unknown variant {variant!r}; choose among zero1, fsdp2, by_hand")
-    losses, step_seconds, grad_bytes = [], [], 0
+        sharded = FlatShardedModel(model, ctx)
+        net, opt, forward_backward = model, strategy_optimizer(sharded, args), sharded.forward_backward
+    timer, losses, grad_bytes = StepTimer(ctx.device), [], 0
     for step in range(args.steps):
         ids = local_shard(global_batch(step, args), ctx.rank, ctx.world_size).to(ctx.device)
-        sync(ctx.device)
-        t0 = time.perf_counter()
-        if sharded is not None:
-            sharded.gather_params()
-        loss = clm_loss(net(ids), ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if sharded is not None:
-            sharded.reduce_scatter_grads()
-        grad_bytes = sum(_local(p.grad).numel() * p.grad.element_size()
-                         for p in ([sharded.shard] if sharded else model.parameters()) if p.grad is not None)
-        opt.step()
-        sync(ctx.device)
-        step_seconds.append(time.perf_counter() - t0)
-        losses.append(all_reduce_mean_scalar(loss.item(), ctx.device))
+        with timer.measure():
+            result = train_step(net, [{"input_ids": ids}], clm_objective, opt, autocast=autocast, dp_group=True,
+                                forward_backward=forward_backward)
+        losses.append(result.loss)
+        grad_bytes = sum(tensor_bytes(_local(p.grad)) for group in opt.param_groups for p in group["params"]
+                         if p.grad is not None)
 
-    sent_per_step = sharded.bytes_sent / args.steps if sharded is not None else None
     if sharded is not None:
+        bytes_per_step = sharded.bytes_sent / args.steps
         sharded.gather_params()  # assemble the final weights to compare them
-        memory = sharded.memory()
+        memory = sharded.memory(opt)
         full = params_of(model)
     else:
-        memory = {"params": sum(_local(p).numel() * p.element_size() for p in model.parameters()),
+        bytes_per_step = None  # DDP's and FSDP's own collectives are not counted here
+        memory = {"params": sum(tensor_bytes(_local(p)) for p in model.parameters()),
                   "grads": grad_bytes, "optim": _state_bytes(opt.optim if variant == "zero1" else opt)}
         full = {k: _full(v).detach() for k, v in model.named_parameters()}
     # ZeroRedundancyOptimizer assigns whole tensors to ranks, so shards are uneven: report every rank
     per_rank = [None] * ctx.world_size
     dist.all_gather_object(per_rank, memory)
-    return {"params": full, "losses": losses, "memory_per_rank": per_rank,
-            "seconds_per_step": sorted(step_seconds)[len(step_seconds) // 2],
-            "bytes_sent_per_step": sent_per_step}
+    return {"params": full, **variant_record(losses=read_losses(losses), bytes_per_step=bytes_per_step,
+                                             seconds_per_step=timer.median, memory_per_rank=per_rank)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("ZeRO-1 (ZeroRedundancyOptimizer), FSDP2 and ZeRO-3 by hand, with per-rank memory.")
-    parser.add_argument("--variants", default="zero1,fsdp2,by_hand")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args(argv)
     ctx = setup(args.init_timeout)
     check_args(args, ctx.world_size)
     inject_fault(args, ctx)
-    ref_model, ref_losses = reference_run(args, ctx.device)
+    autocast = autocast_dtype(args, ctx.device)
+    ref_model, ref_losses = reference_run(args, ctx.device, autocast=autocast)
     ref = params_of(ref_model)
-    n_params = sum(p.numel() for p in ref_model.parameters())
-    metrics: dict = {"strategy": "zero", "world_size": ctx.world_size, "backend": ctx.backend,
-                     "device": str(ctx.device), "n_params": n_params, "reference_losses": ref_losses,
-                     "formula_bytes": {f"stage{s}": zero_memory_formula(n_params, ctx.world_size, s) for s in range(4)},
-                     "variants": {}}
+    metrics = run_header("zero", args, ctx, ref_model, ref_losses, autocast)
+    metrics["formula_bytes"] = {f"stage{s}": zero_memory_formula(metrics["n_params"], ctx.world_size, s)
+                                for s in range(4)}
     for variant in args.variants.split(","):
         dist.barrier()
         out = train_variant(variant, args, ctx)
