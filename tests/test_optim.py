@@ -271,3 +271,19 @@ def test_per_micro_step_hook_is_the_mean_of_micro_batch_means():
     assert float(n) == 1.0 and float(loss) == pytest.approx(float(expected), rel=1e-6)
     with pytest.raises(ValueError, match="fp32"):
         per_micro_step_forward_backward(model, micro, labelled_mlm_objective, autocast=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- DDP: no_sync on all but the last micro-step
+
+@pytest.mark.xdist_group("torchrun")
+def test_ddp_no_sync_accumulation_equals_one_process_and_saves_the_bytes(tmp_path):
+    from pretrain_lib.distributed.launch import run_torchrun
+    m = run_torchrun("pretrain_lib.distributed.accumulation", args=["--steps", "2", "--micro-steps", "4", "--batch", "16"],
+                     run_dir=tmp_path, stream=False, timeout_s=240).metrics
+    no_sync, every = m["variants"]["no_sync"], m["variants"]["sync_every_micro_step"]
+    assert m["world_size"] == 2 and m["max_abs_diff_vs_single"] <= 1e-5
+    assert every["bytes_per_step"] == pytest.approx(4 * no_sync["bytes_per_step"])  # one all-reduce per micro-step
+    # no_sync: one all-reduce of every gradient per step (DDP's buckets hold each parameter once, in fp32)
+    assert no_sync["bytes_per_step"] == m["param_bytes"]
+    assert m["bytes_saved_per_step"] == pytest.approx(3 * no_sync["bytes_per_step"])
+    assert no_sync["losses"] == pytest.approx(m["reference_losses"], abs=1e-5)
