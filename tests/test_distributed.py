@@ -187,6 +187,14 @@ def test_zero_and_fsdp_equal_single_process_and_shard_memory(tmp_path):
         for rank_mem in m["variants"][variant]["memory_per_rank"]:
             assert rank_mem["params"] == pytest.approx(4 * n / p, rel=0.02)
             assert rank_mem["optim"] == pytest.approx(8 * n / p, rel=0.02)
+    zero2 = m["variants"]["zero2"]["memory_per_rank"]  # ZeRO-2: every parameter, 1/p of gradients and state
+    assert all(r["params"] == 4 * n and r["grads"] + r["optim"] == pytest.approx(12 * n / p, rel=0.02) for r in zero2)
+    # measured after the last step (storages on the CPU): 16Ψ/p for ZeRO-3, 4Ψ + 12Ψ/p for ZeRO-2
+    measured = {v: [r["bytes"] for r in m["variants"][v]["measured_per_rank"]] for v in ("zero1", "zero2", "by_hand")}
+    for variant, expected in (("by_hand", 16 * n / p), ("zero2", 4 * n + 12 * n / p)):
+        assert measured[variant] == pytest.approx([expected] * p, rel=0.05), variant
+    # ZeRO-1 holds every parameter and gradient (its state shards are whole tensors, not exactly 1/p)
+    assert all(z1 > z2 for z1, z2 in zip(measured["zero1"], measured["zero2"]))
     zero1 = m["variants"]["zero1"]["memory_per_rank"]
     assert sum(r["optim"] for r in zero1) == 8 * n  # optimiser state split over ranks, whole tensors each
     assert all(r["params"] == 4 * n for r in zero1)

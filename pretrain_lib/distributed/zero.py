@@ -8,12 +8,18 @@ against one process on the global batch:
 
 - ``zero1``: :func:`~.strategies.apply_zero1` (``ZeroRedundancyOptimizer``) under DDP;
 - ``fsdp2``: :func:`~.strategies.apply_fsdp` (``fully_shard`` on every block and the root);
-- ``by_hand``: the sharding written out: each optimiser group's parameters form one flat
-  vector, sharded; each step all-gathers it, runs forward/backward on the full copy,
-  reduce-scatters the flat gradient so each rank receives the summed slice it owns, and
-  updates only that slice.
+- ``zero2`` and ``by_hand`` (ZeRO-3): the sharding written out. Each optimiser group's
+  parameters form one flat vector, sharded; each step all-gathers it, runs forward/backward
+  on the full copy, reduce-scatters the flat gradient so each rank receives the averaged
+  slice it owns, and updates only that slice. Stage 2 keeps the full parameters between
+  steps; stage 3 frees them after backward and keeps only its slice.
 
-Each variant reports the bytes per rank of parameters, gradients and optimiser state.
+Each variant reports the bytes per rank of the parameters, gradients and optimiser state it
+owns (``memory_per_rank``, what the ZeRO formulas count) and a measurement after the last
+step (``measured_per_rank``): the CUDA allocator's statistics on a GPU; on the CPU, which has
+no allocator statistics per tensor, the bytes of the distinct tensor storages that the
+model, the gradients and the optimiser hold (communication buffers and activations freed by
+then are not in it).
 """
 from __future__ import annotations
 
@@ -75,6 +81,7 @@ class FlatShard:
 
     def __init__(self, params: list[nn.Parameter], ctx: DistContext):
         self.params, self.ctx = params, ctx
+        self.shapes = [p.shape for p in params]
         flat = torch.cat([p.detach().reshape(-1) for p in params])
         self.numel = flat.numel()
         self.padded = -(-self.numel // ctx.world_size) * ctx.world_size  # pad so the slices are equal
@@ -83,16 +90,27 @@ class FlatShard:
         full[:self.numel] = flat
         self.slice = full[ctx.rank * self.size:(ctx.rank + 1) * self.size].clone()
 
-    def gather_params(self, owned: torch.Tensor) -> int:
-        """All-gather every rank's slice and copy the full vector into the model; returns bytes."""
+    def gather_params(self, owned: torch.Tensor, *, share_slice: bool = False) -> int:
+        """All-gather every rank's slice; the model's parameters become views of the full vector. Returns bytes.
+
+        ``share_slice`` (ZeRO-2, full weights kept): the owned slice becomes a view of the same
+        buffer, so this rank stores its slice once, not twice.
+        """
         full = torch.empty(self.padded, dtype=owned.dtype, device=owned.device)
         _all_gather(full, owned.detach().reshape(-1).contiguous())
         offset = 0
-        with torch.no_grad():
-            for p in self.params:
-                p.copy_(full[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        for p, shape in zip(self.params, self.shapes):
+            n = shape.numel()
+            p.data = full[offset:offset + n].view(shape)  # one allocation for the whole group
+            offset += n
+        if share_slice:
+            owned.data = full[self.ctx.rank * self.size:(self.ctx.rank + 1) * self.size].view_as(owned)
         return tensor_bytes(full)
+
+    def free_params(self) -> None:
+        """ZeRO-3: drop the gathered full parameters until the next all-gather (the slice is kept)."""
+        for p in self.params:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
     def reduce_scatter_grads(self, owned: nn.Parameter) -> int:
         """Reduce-scatter the flat gradient: ``owned.grad`` becomes the sum over ranks of this rank's slice."""
@@ -109,17 +127,21 @@ class FlatShard:
 
 
 class FlatShardedModel(nn.Module):
-    """ZeRO-3 by hand: each rank owns 1/p of each optimiser group's flat parameter vector.
+    """ZeRO-2 or ZeRO-3 by hand: each rank owns 1/p of each optimiser group's flat parameter vector.
 
-    ``model`` is the compute copy; its parameters are overwritten from the all-gathered
-    vectors before every forward pass (a real implementation frees them after use). The
+    ``model`` is the compute copy; its parameters are replaced by the all-gathered vectors
+    before every forward pass; ``stage=3`` frees them after backward (FSDP frees them after
+    each layer, and gathers again for the backward pass), ``stage=2`` keeps them. The
     owned slices are this module's parameters, so ``build_optimizer(self)`` gives them
     Adam's state; the decayed group's slice is stored as a ``(1, n)`` row so that the
     builder's rule (decay matrices, not vectors) sees it as the slice of matrices it is.
     """
 
-    def __init__(self, model: nn.Module, ctx: DistContext):
+    def __init__(self, model: nn.Module, ctx: DistContext, *, stage: int = 3):
         super().__init__()
+        if stage not in (2, 3):
+            raise ValueError(f"FlatShardedModel implements ZeRO stage 2 or 3, got {stage}")
+        self.stage = stage
         self.compute_model = [model]  # a list: not registered, so its parameters are not this module's
         named = dict(model.named_parameters())
         groups = {"matrices": [p for p in named.values() if p.dim() >= 2],
@@ -133,7 +155,7 @@ class FlatShardedModel(nn.Module):
 
     def gather_params(self) -> None:
         for name, shard in self.shards.items():
-            self.bytes_sent += shard.gather_params(getattr(self, name))
+            self.bytes_sent += shard.gather_params(getattr(self, name), share_slice=self.stage == 2)
 
     def reduce_scatter_grads(self) -> None:
         for name, shard in self.shards.items():
@@ -144,20 +166,54 @@ class FlatShardedModel(nn.Module):
         self.gather_params()
         result = default_forward_backward(model, micro_batches, objective, **kwargs)
         self.reduce_scatter_grads()
+        if self.stage == 3:
+            for shard in self.shards.values():
+                shard.free_params()
         return result
 
     def memory(self, opt: torch.optim.Optimizer) -> dict[str, int]:
         owned = sum(tensor_bytes(p) for p in self.parameters())
-        return {"params": owned, "grads": owned, "optim": _state_bytes(opt)}
+        full = sum(s.numel * s.slice.element_size() for s in self.shards.values())
+        return {"params": owned if self.stage == 3 else full, "grads": owned, "optim": _state_bytes(opt)}
 
 
-VARIANTS = ("zero1", "fsdp2", "by_hand")
+def measured_memory(tensors: list[torch.Tensor], device: torch.device, baseline: int) -> dict:
+    """What this rank holds after the last step: allocator statistics on CUDA, storage bytes on the CPU."""
+    if device.type == "cuda":
+        return {"bytes": torch.cuda.memory_allocated(device) - baseline,
+                "peak_bytes": torch.cuda.max_memory_allocated(device) - baseline,
+                "method": "CUDA allocator: memory_allocated after the last step (peak: max_memory_allocated)"}
+    storages: dict[int, int] = {}
+    for t in tensors:
+        storage = _local(t).untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()  # views of one buffer count once
+    return {"bytes": sum(storages.values()), "peak_bytes": None,
+            "method": "CPU: bytes of the distinct storages of parameters, gradients and optimiser state"}
+
+
+def _held_tensors(*modules: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = []
+    for module in modules:
+        for p in module.parameters():
+            out.append(p)
+            if p.grad is not None:
+                out.append(p.grad)
+    inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps its shard's AdamW in .optim
+    out += [v for state in inner.state.values() for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return out
+
+
+VARIANTS = ("zero1", "zero2", "fsdp2", "by_hand")
 
 
 def train_variant(variant: str, args, ctx: DistContext) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(VARIANTS)}")
     autocast = autocast_dtype(args, ctx.device)
+    baseline = 0
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+        baseline = torch.cuda.memory_allocated(ctx.device)
     model = build_model(args, ctx.device)
     sharded: FlatShardedModel | None = None
     forward_backward = None
@@ -170,7 +226,7 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
         net = apply_fsdp(model, mesh, mixed_precision=bf16_mixed_precision() if autocast is not None else None)
         opt = strategy_optimizer(model, args)
     else:
-        sharded = FlatShardedModel(model, ctx)
+        sharded = FlatShardedModel(model, ctx, stage=2 if variant == "zero2" else 3)
         net, opt, forward_backward = model, strategy_optimizer(sharded, args), sharded.forward_backward
     timer, losses, grad_bytes = StepTimer(ctx.device), [], 0
     for step in range(args.steps):
@@ -182,6 +238,7 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
         grad_bytes = sum(tensor_bytes(_local(p.grad)) for group in opt.param_groups for p in group["params"]
                          if p.grad is not None)
 
+    measured = measured_memory(_held_tensors(model, *([sharded] if sharded else []), opt=opt), ctx.device, baseline)
     if sharded is not None:
         bytes_per_step = sharded.bytes_sent / args.steps
         sharded.gather_params()  # assemble the final weights to compare them
@@ -193,14 +250,16 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
                   "grads": grad_bytes, "optim": _state_bytes(opt.optim if variant == "zero1" else opt)}
         full = {k: _full(v).detach() for k, v in model.named_parameters()}
     # ZeroRedundancyOptimizer assigns whole tensors to ranks, so shards are uneven: report every rank
-    per_rank = [None] * ctx.world_size
+    per_rank, measured_per_rank = [None] * ctx.world_size, [None] * ctx.world_size
     dist.all_gather_object(per_rank, memory)
+    dist.all_gather_object(measured_per_rank, measured)
     return {"params": full, **variant_record(losses=read_losses(losses), bytes_per_step=bytes_per_step,
-                                             seconds_per_step=timer.median, memory_per_rank=per_rank)}
+                                             seconds_per_step=timer.median, memory_per_rank=per_rank,
+                                             measured_per_rank=measured_per_rank)}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser("ZeRO-1 (ZeroRedundancyOptimizer), FSDP2 and ZeRO-3 by hand, with per-rank memory.")
+    parser = base_parser("ZeRO-1 (ZeroRedundancyOptimizer), ZeRO-2 by hand, FSDP2 and ZeRO-3 by hand, with per-rank memory.")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args(argv)
     ctx = setup(args.init_timeout)
