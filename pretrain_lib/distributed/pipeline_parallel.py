@@ -12,9 +12,9 @@ n_targets)``, so the engine normalises by the batch's target tokens as everywher
 Variants: ``naive`` (one micro-batch), ``by_hand`` and ``by_hand_1f1b`` (send/recv following
 an order list), ``gpipe`` and ``1f1b`` (``torch.distributed.pipelining``), each checked
 against one process; then the by-hand GPipe's bubble is measured for several micro-batch
-counts. ``round_robin`` runs the source chapter's placement (block i on rank i mod p, one
-batch): it also equals one process, but its activations cross ranks L - 1 times per
-forward pass instead of p - 1. No loss is read on the host inside a schedule (that would
+counts. ``round_robin`` (:mod:`.pipeline_placement`) runs the source chapter's placement
+(block i on rank i mod p, one batch): it also equals one process, but its activations cross
+ranks L - 1 times per forward pass instead of p - 1. No loss is read on the host inside a schedule (that would
 serialise the pipeline); the last stage's losses are sent to every rank once, at the end.
 
 The output layer is tied to the token embedding, which lives on the first stage; the
@@ -104,7 +104,7 @@ def summed_clm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return clm_loss(logits.float(), ids) * n_targets(ids)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
@@ -149,7 +149,7 @@ class ByHandSchedule:
                     dist.recv(x, src=prev)
                     x.requires_grad_(True)
                 t0 = self._clock()
-                with _autocast(ctx.device, autocast):
+                with autocast_context(ctx.device, autocast):
                     y = stage(x)
                 if stage.last:
                     y = summed_clm_loss(y, micro[i])
@@ -200,145 +200,25 @@ class TorchSchedule:
         losses: list[torch.Tensor] = []
         inputs = (ids,) if self.stage.first else ()                             # the first stage embeds
         scoring = {"target": ids, "losses": losses} if self.stage.last else {}   # the last one scores
-        with _autocast(self.ctx.device, autocast):
+        with autocast_context(self.ctx.device, autocast):
             self.schedule.step(*inputs, **scoring)
         sync_tied_gradients(self.stage, self.ctx.device)
         loss_sum = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=self.ctx.device)
         return loss_sum, n_targets(ids).to(self.ctx.device)
 
 
-def _segments(placement: list[int]) -> list[tuple[int, list[int]]]:
-    """Runs of consecutive blocks on the same rank: [(rank, [block indices]), ...]."""
-    segments: list[tuple[int, list[int]]] = []
-    for i, r in enumerate(placement):
-        if segments and segments[-1][0] == r:
-            segments[-1][1].append(i)
-        else:
-            segments.append((r, [i]))
-    return segments
-
-
-class PlacementPass:
-    """One forward and backward pass of the whole batch with block i on rank ``placement[i]``
-    (embeddings with block 0, final LayerNorm and output layer with the last block); the
-    engine's ``forward_backward`` for the round-robin pitfall.
-
-    Consecutive blocks on the same rank form a segment; the activation ``(b, t, d)`` is sent
-    at every segment boundary forward and its gradient comes back the same way. Only one rank
-    computes at a time.
-    """
-
-    def __init__(self, model: GPT, placement: list[int], ctx: DistContext):
-        self.model, self.placement, self.ctx = model, placement, ctx
-        self.segments = _segments(placement)
-        self.bytes_sent = 0
-
-    def __call__(self, model, micro_batches, objective, *, autocast, no_sync, scaler):
-        bb, ctx = self.model.backbone, self.ctx
-        ids = micro_batches[0]["input_ids"]
-        b, t = ids.shape
-        saved: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
-        pending = []
-        loss_sum = torch.zeros((), device=ctx.device)
-        last = len(self.segments) - 1
-        for k, (owner, layers) in enumerate(self.segments):
-            if owner != ctx.rank:
-                continue
-            with _autocast(ctx.device, autocast):
-                if k == 0:
-                    x_in = None
-                    h = bb.tok_emb(ids) + bb.pos_emb(torch.arange(t, device=ids.device))
-                else:
-                    x_in = torch.empty(b, t, bb.ln_f.normalized_shape[0], dtype=bb.ln_f.weight.dtype, device=ids.device)
-                    dist.recv(x_in, src=self.segments[k - 1][0])
-                    x_in.requires_grad_(True)
-                    h = x_in
-                for i in layers:
-                    h = bb.blocks[i](h)
-                if k == last:
-                    h = summed_clm_loss(bb.ln_f(h) @ bb.tok_emb.weight.T, ids)
-                    loss_sum = loss_sum + h.detach()
-            if k != last:
-                pending.append(dist.isend(h.detach().contiguous(), dst=self.segments[k + 1][0]))
-                self.bytes_sent += tensor_bytes(h)
-            saved[k] = (x_in, h)
-        for k in reversed(range(len(self.segments))):
-            if self.segments[k][0] != ctx.rank:
-                continue
-            x_in, out = saved.pop(k)
-            if k == last:
-                out.backward()
-            else:
-                grad = torch.empty_like(out)
-                dist.recv(grad, src=self.segments[k + 1][0])
-                out.backward(grad)
-            if x_in is not None:
-                pending.append(dist.isend(x_in.grad.contiguous(), dst=self.segments[k - 1][0]))
-                self.bytes_sent += tensor_bytes(x_in.grad)
-        for work in pending:
-            work.wait()
-        # the tied weight's two uses may sit on two ranks: sum their gradients (zeros elsewhere)
-        w = bb.tok_emb.weight
-        grad = (w.grad if w.grad is not None else torch.zeros_like(w)).contiguous()
-        dist.all_reduce(grad)
-        if ctx.rank in (self.placement[0], self.placement[-1]):
-            w.grad = grad
-        return loss_sum, n_targets(ids).to(ctx.device)
-
-
-def _owned_by(name: str, placement: list[int]) -> set[int]:
-    """The ranks that hold (and update) parameter ``name`` of the GPT under ``placement``."""
-    if name.startswith("backbone.blocks."):
-        return {placement[int(name.split(".")[2])]}
-    if name.startswith("backbone.ln_f"):
-        return {placement[-1]}
-    if name == "backbone.tok_emb.weight":  # the embedding and the tied output layer
-        return {placement[0], placement[-1]}
-    return {placement[0]}
-
-
-def _last_stage_losses(losses: list[torch.Tensor], src: int, device: torch.device) -> list[float]:
+def last_stage_losses(losses: list[torch.Tensor], src: int, device: torch.device) -> list[float]:
     """The per-step losses only the last stage computed, sent to every rank in one broadcast."""
     t = torch.stack(losses).float().to(device)
     dist.broadcast(t, src=src)
     return read_losses(list(t))
 
 
-def _bytes_over_ranks(sent: int, steps: int) -> tuple[float, float]:
+def bytes_over_ranks(sent: int, steps: int) -> tuple[float, float]:
     """(largest rank's, all ranks') bytes sent per step."""
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, sent)
     return max(per_rank) / steps, sum(per_rank) / steps
-
-
-def train_placement(args, ctx: DistContext, placement: list[int]) -> dict:
-    """Train with :class:`PlacementPass`: each rank computes and updates only the blocks it holds
-    (the optimiser skips parameters that received no gradient)."""
-    autocast = autocast_dtype(args, ctx.device)
-    model = build_model(args, ctx.device)
-    opt = strategy_optimizer(model, args)
-    runner = PlacementPass(model, placement, ctx)
-    timer, losses = StepTimer(ctx.device), []
-    for step in range(args.steps):
-        ids = global_batch(step, args).to(ctx.device)
-        dist.barrier()
-        with timer.measure():
-            losses.append(train_step(model, [{"input_ids": ids}], None, opt, autocast=autocast,
-                                     forward_backward=runner).loss)
-    parts = [None] * ctx.world_size
-    dist.all_gather_object(parts, {k: v.detach().cpu() for k, v in model.named_parameters()
-                                   if ctx.rank in _owned_by(k, placement)})
-    params: dict[str, torch.Tensor] = {}
-    copies = [part["backbone.tok_emb.weight"] for part in parts if "backbone.tok_emb.weight" in part]
-    for part in parts:
-        params.update(part)
-    most, total = _bytes_over_ranks(runner.bytes_sent, args.steps)
-    return {"params": params, "n_micro": 1,
-            **variant_record(losses=_last_stage_losses(losses, placement[-1], ctx.device), bytes_per_step=most,
-                             seconds_per_step=timer.median, bytes_per_step_all_ranks=total,
-                             tied_copies_max_abs_diff=max(float((c - copies[0]).abs().max()) for c in copies),
-                             bubble_measured=None, bubble_simulated=None,
-                             crossings_per_forward=placement_crossings(placement))}
 
 
 def gather_params(stage: Stage, ctx: DistContext) -> dict[str, torch.Tensor]:
@@ -358,6 +238,7 @@ STAGE_VARIANTS = ("naive", "by_hand", "by_hand_1f1b", "gpipe", "1f1b")
 
 def train_variant(variant: str, args, ctx: DistContext, n_micro: int, *, timed: bool = False) -> dict:
     if variant == "round_robin":  # the source chapter's placement, one batch, no micro-batches
+        from .pipeline_placement import train_placement
         return train_placement(args, ctx, layer_placement(args.n_layers, ctx.world_size, "round_robin"))
     if variant not in STAGE_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(STAGE_VARIANTS)}, round_robin")
@@ -391,9 +272,9 @@ def train_variant(variant: str, args, ctx: DistContext, n_micro: int, *, timed: 
         # median op durations per stage, then replay the schedule without the machine's noise
         simulated = simulate_schedule([schedule.order_fn(m, s, ctx.world_size) for s in range(ctx.world_size)],
                                       [r["forward"] for r in per_stage], [r["backward"] for r in per_stage])
-    most, total = _bytes_over_ranks(getattr(schedule, "bytes_sent", 0), args.steps)
+    most, total = bytes_over_ranks(getattr(schedule, "bytes_sent", 0), args.steps)
     return {"params": params, "n_micro": m,
-            **variant_record(losses=_last_stage_losses(losses, ctx.world_size - 1, ctx.device),
+            **variant_record(losses=last_stage_losses(losses, ctx.world_size - 1, ctx.device),
                              # torch.distributed.pipelining's own sends are not counted
                              bytes_per_step=most if isinstance(schedule, ByHandSchedule) else None,
                              seconds_per_step=timer.median,
