@@ -287,3 +287,29 @@ def test_ddp_no_sync_accumulation_equals_one_process_and_saves_the_bytes(tmp_pat
     assert no_sync["bytes_per_step"] == m["param_bytes"]
     assert m["bytes_saved_per_step"] == pytest.approx(3 * no_sync["bytes_per_step"])
     assert no_sync["losses"] == pytest.approx(m["reference_losses"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- the chapter's experiment setup
+
+def test_window_batches_are_a_pure_function_of_seed_and_index():
+    from pretrain_lib.optim.experiments import window_batches
+    stream = torch.arange(500)
+    a, b = window_batches(stream, batch_size=4, seq_len=8, seed=1), window_batches(stream, batch_size=4, seq_len=8, seed=1)
+    assert torch.equal(b(7)["input_ids"], a(7)["input_ids"]) and not torch.equal(a(7)["input_ids"], a(8)["input_ids"])
+    ids = a(3)["input_ids"]
+    assert ids.shape == (4, 8) and torch.equal(ids[:, 1:] - ids[:, :-1], torch.ones(4, 7, dtype=ids.dtype))
+    with pytest.raises(ValueError, match="longer than seq_len"):
+        window_batches(torch.arange(5), batch_size=1, seq_len=8)
+
+
+def test_validation_loss_is_the_mean_clm_loss_on_fixed_windows():
+    from pretrain_lib.objectives import clm_loss
+    from pretrain_lib.optim.experiments import validation_loss_fn
+    model = _gpt()
+    val = torch.randint(0, 40, (300,), generator=torch.Generator().manual_seed(5))
+    eval_fn = validation_loss_fn(val, seq_len=16, n_windows=6, batch_size=4)
+    starts = torch.linspace(0, 300 - 16, 6).long()
+    windows = torch.stack([val[s:s + 16] for s in starts])
+    with torch.no_grad():
+        expected = float(clm_loss(model(windows), windows))  # equal windows: mean of means = overall mean
+    assert eval_fn(model) == pytest.approx(expected, rel=1e-5) and model.training
