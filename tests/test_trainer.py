@@ -33,7 +33,7 @@ def tiny(out_dir, cache_dir, **train) -> dict:
             "model": {"n_layers": 1, "n_heads": 2, "d_model": 32, "seq_len": 16, "dropout": 0.1},
             "data": {"corpus": "shakespeare", "max_docs": 1, "tokenizer": "char", "cache_dir": str(cache_dir)},
             "train": {"steps": 24, "batch_size": 4, "warmup_steps": 3, "log_every": 1, "eval_every": 8,
-                      "eval_batches": 2, "sample_tokens": 0, "lr": 3e-3, **train},
+                      "eval_batches": 2, "sample_tokens": 0, "lr": 3e-3, "tensorboard": False, **train},
             "checkpoint": {"every": 4, "keep": 2}}
 
 
@@ -82,6 +82,7 @@ def test_an_unknown_key_names_itself_and_the_valid_ones():
     ({"data": {"corpus": "folder"}}, r"needs data\.folder"),
     ({"parallel": "zero9"}, r"parallel must be one of 'none', 'ddp', 'fsdp'"),
     ({"model": 3}, r"\[model\] must be a table"),
+    ({"checkpoint": {"every": 15}}, r"checkpoint\.every=15 must be a multiple of train\.log_every=10"),
 ])
 def test_wrong_types_and_impossible_values_say_which_and_why(table, message):
     with pytest.raises(ConfigError, match=message):
@@ -133,8 +134,10 @@ def test_data_is_prepared_once_and_cached_by_fingerprint(cache_dir):
 # ----------------------------------------------------------------------------- runs in this process
 
 def test_a_run_logs_metrics_evaluates_and_checkpoints(tmp_path, cache_dir):
-    result = run(config_from_dict(tiny(tmp_path / "run", cache_dir)), verbose=False)
+    result = run(config_from_dict(tiny(tmp_path / "run", cache_dir, tensorboard=True)), verbose=False)
     lines = read_metrics(tmp_path / "run")
+    assert list((tmp_path / "run" / "tensorboard").glob("events.*")), "TensorBoard events when it is installed"
+    assert all(ln["tokens_per_s"] is None or ln["tokens_per_s"] > 0 for ln in lines)
     steps = [ln["step"] for ln in lines if "loss" in ln]
     assert steps == list(range(1, 25))
     assert [ln["step"] for ln in lines if "val_loss" in ln] == [8, 16, 24] == result.eval_steps

@@ -151,6 +151,10 @@ class RunConfig:
             getattr(self, section).check()
         if self.train.log_every > self.train.steps:
             self.train.log_every = self.train.steps  # a short --set run still logs its last step
+        if self.checkpoint.every % self.train.log_every:
+            raise ConfigError(f"checkpoint.every={self.checkpoint.every} must be a multiple of train.log_every="
+                              f"{self.train.log_every}: a checkpoint then follows a logged step, and a resumed run "
+                              "neither repeats nor skips a line of metrics.jsonl")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

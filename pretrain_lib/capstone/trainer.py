@@ -20,7 +20,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from ..data.tokenizer import special_token_ids
 from ..model import GPT, MaskedLM, ModelConfig
+from ..monitor import Monitor
 from ..optim import build_optimizer, cosine_lr, wsd_lr
 from ..train import TrainConfig, clm_objective, mlm_objective, train
 from ..utils import is_headless, resolve_device, seed_everything
@@ -126,21 +127,24 @@ class EndlessBatches:
 
 
 class _GlobalStep:
-    """Shows a callback the engine's state with the run's global step and token count.
+    """Shows a callback the engine's state with the run's global step, token count and config.
 
-    The engine's ``state.step`` counts from 0 in every ``train()`` call; a resumed run
-    starts at ``offset``. Each hook shifts the fields for the duration of the call only.
+    The engine's ``state.step`` counts from 0 in every ``train()`` call, and its config's
+    ``steps`` is what is left; a resumed run starts at ``offset``. Each hook sees the global
+    step, tokens and the whole run's ``steps``/``eval_every`` for the duration of the call only.
     """
 
-    def __init__(self, callback, offset: int, tokens_offset: int):
+    def __init__(self, callback, offset: int, tokens_offset: int, run_config: TrainConfig):
         self.callback, self.offset, self.tokens_offset = callback, offset, tokens_offset
+        self.run_config = run_config
 
     def _call(self, hook: str, state) -> None:
         fn = getattr(self.callback, hook, None)
         if fn is None:
             return
-        saved = state.step, state.tokens_seen, dict(state.metrics)
+        saved = state.step, state.tokens_seen, dict(state.metrics), state.config
         state.step += self.offset
+        state.config = self.run_config
         state.tokens_seen += self.tokens_offset
         if "step" in state.metrics:
             state.metrics["step"] += self.offset
@@ -149,7 +153,7 @@ class _GlobalStep:
         try:
             fn(state)
         finally:
-            state.step, state.tokens_seen = saved[0], saved[1]
+            state.step, state.tokens_seen, state.config = saved[0], saved[1], saved[3]
             if "val_loss" in state.metrics and "val_loss" not in saved[2]:
                 saved[2]["val_loss"] = state.metrics["val_loss"]
             state.metrics = saved[2]
@@ -229,37 +233,9 @@ class Checkpointer:
             dist.barrier()
 
 
-class MetricsLines:
-    """One flushed JSON line per logged step (step, loss, lr, grad_norm, tokens_per_s) and per
-    evaluation (val_loss) in ``<out_dir>/metrics.jsonl``."""
-
-    def __init__(self, path: Path, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-        self.last_time, self.last_tokens = None, 0
-
-    def _write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def on_step(self, state) -> None:
-        m = state.metrics
-        if m.get("step") != state.step or "loss" not in m:
-            return  # not a logged step
-        now = time.perf_counter()
-        rate = None if self.last_time is None else (state.tokens_seen - self.last_tokens) / (now - self.last_time)
-        self.last_time, self.last_tokens = now, state.tokens_seen
-        self._write({"step": state.step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                     "tokens_seen": state.tokens_seen, "tokens_per_s": rate})
-
-    def on_eval(self, state) -> None:
-        self._write({"step": state.step, "val_loss": state.metrics["val_loss"]})
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+def _has_tensorboard() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -346,17 +322,17 @@ def run(config: RunConfig | str | Path, *, resume: bool = False, overrides=(), p
         result.resume_seconds = time.perf_counter() - begin
 
     metrics_path = out_dir / "metrics.jsonl"
-    if info.rank == 0:
-        if start_step:
-            truncate_metrics(metrics_path, start_step)
-        elif metrics_path.exists():
-            metrics_path.unlink()  # a fresh run starts a fresh log
-    monitor = MetricsLines(metrics_path, enabled=info.rank == 0)
-    if monitor_state is not None and hasattr(monitor, "load_state_dict"):
+    if info.rank == 0 and start_step:
+        truncate_metrics(metrics_path, start_step)
+    show = (not is_headless() and sys.stderr.isatty()) if t.progress == "auto" else t.progress == "on"
+    show = (show if progress is None else progress) and info.rank == 0
+    monitor = Monitor(metrics_path if info.rank == 0 else None, log_every=t.log_every, progress=show,
+                      tensorboard_dir=out_dir / "tensorboard" if t.tensorboard and info.rank == 0
+                      and _has_tensorboard() else None, seq_len=config.model.seq_len + 1, warmup_steps=t.warmup_steps)
+    if monitor_state is not None:
         monitor.load_state_dict(monitor_state)
     evaluator = Evaluator(config, data, result, listeners=[monitor], log=log if info.rank == 0 else lambda *_: None)
     checkpointer = Checkpointer(config, out_dir, loader, monitor, mlm_generator, result, info)
-    callbacks = [_GlobalStep(cb, start_step, tokens_offset) for cb in (monitor, evaluator, checkpointer)]
     remaining = t.steps - start_step
     if remaining <= 0:
         log(f"nothing to do: the checkpoint is at step {start_step} and train.steps = {t.steps}")
@@ -368,11 +344,10 @@ def run(config: RunConfig | str | Path, *, resume: bool = False, overrides=(), p
         betas=(t.beta1, t.beta2), grad_clip=t.grad_clip or None, grad_accum_steps=t.grad_accum_steps, dtype=t.dtype,
         compile={"auto": None, "on": True, "off": False}[t.compile], log_every=t.log_every, seed=config.seed,
         device=str(device))
-    show = (not is_headless() and sys.stderr.isatty()) if t.progress == "auto" else t.progress == "on"
-    if progress is not None:
-        show = progress
+    run_view = replace(engine_config, steps=t.steps, eval_every=t.eval_every)
+    callbacks = [_GlobalStep(cb, start_step, tokens_offset, run_view) for cb in (monitor, evaluator, checkpointer)]
     history = train(model, EndlessBatches(loader, restore_rng), objective, engine_config, callbacks=callbacks,
-                    optimizer=optimizer, progress=show and info.rank == 0, desc=Path(config.out_dir).name,
+                    optimizer=optimizer, progress=False, desc=Path(config.out_dir).name,  # the monitor's bar
                     dp_group=True if info.world_size > 1 else None)
     result.losses, result.steps, result.seconds = history.losses, start_step + len(history.losses), history.seconds
     result.tokens_per_second, result.model = history.tokens_per_second * info.world_size, model
