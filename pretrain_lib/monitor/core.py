@@ -58,6 +58,9 @@ class Monitor:
     ``flops_per_token``: None asks the model (``model.flops_per_token(seq_len)``, the
     library's one FLOP count). ``peak_flops``: None looks the device up
     (:func:`pretrain_lib.monitor.peak_flops`; measured on the CPU).
+    ``explode_factor``: a layer's norm is "exploding" when it is a spike *and* this many times
+    its window's mean. ``vanish_ratio``: a layer is "vanishing" when its norm falls below this
+    share of the global norm. ``warmup_steps``: a learning rate of 0 after this step is "dead".
     ``.anomalies`` lists dicts with ``step``, ``kind``, ``value`` and ``layer`` where it applies.
     """
 
@@ -65,7 +68,8 @@ class Monitor:
                  tensorboard_dir: str | Path | None = None, live: bool = False, spike_k: float = 6.0,
                  spike_window: int = 128, progress: bool = False, flops_per_token: float | None = None,
                  peak_flops: float | None = None, seq_len: int | None = None, spike_min_history: int = 16,
-                 vanish_ratio: float = 1e-4, warmup_steps: int = 1, smoothing: float = 0.9,
+                 vanish_ratio: float = 1e-4, explode_factor: float = 3.0, warmup_steps: int = 1,
+                 smoothing: float = 0.9,
                  update_ratios: bool = True, live_every: int = 1, live_figure: str = "monitor_dashboard"):
         if log_every is not None and (not isinstance(log_every, int) or log_every <= 0):
             raise ValueError(f"log_every must be a positive integer or None, got {log_every!r}")
@@ -79,6 +83,7 @@ class Monitor:
         self.log_every = log_every
         self.tensorboard_dir = tensorboard_dir
         self.live, self.live_every, self.live_figure = live, live_every, live_figure
+        self.live_view = None  # the LiveDashboard once training starts with live=True
         self.progress = progress
         self.flops_per_token, self.peak_flops, self.peak_source = flops_per_token, peak_flops, None
         if peak_flops is not None:
@@ -86,6 +91,7 @@ class Monitor:
         self.seq_len = seq_len
         self.spike_k, self.spike_window, self.spike_min_history = spike_k, spike_window, spike_min_history
         self.vanish_ratio, self.warmup_steps, self.smoothing = vanish_ratio, warmup_steps, smoothing
+        self.explode_factor = explode_factor
         self.update_ratios = update_ratios
         self.loss_spikes = RollingZScore(spike_k, spike_window, spike_min_history)
         self.grad_spikes = RollingZScore(spike_k, spike_window, spike_min_history)
@@ -147,7 +153,7 @@ class Monitor:
             self._file.close()
             self._file = None
         if self.live and self.records:
-            self._live.final(self.records, self.anomalies)
+            self.live_view.final(self.records, self.anomalies)
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -211,7 +217,7 @@ class Monitor:
             self._bar = tqdm(total=state.config.steps, initial=state.step - 1, desc="train", unit="step")
         if self.live:
             from .plot import LiveDashboard
-            self._live = LiveDashboard(every=self.live_every, figure_name=self.live_figure)
+            self.live_view = LiveDashboard(every=self.live_every, figure_name=self.live_figure)
         self._window = None
         self._excluded = 0.0
         self._t0 = time.perf_counter()
@@ -267,8 +273,11 @@ class Monitor:
                     continue
                 detector = self.layer_spikes.setdefault(
                     name, RollingZScore(self.spike_k, self.spike_window, self.spike_min_history))
+                history = list(detector.values)
                 spike, z = detector.update(value)
-                if spike:
+                # a layer "explodes" when it is both far outside its band and several times its usual size:
+                # small layers (position embeddings, norms) have narrow bands that noise alone can leave
+                if spike and value > self.explode_factor * sum(history) / len(history):
                     found.append({"step": step, "kind": "layer_exploding", "layer": name, "value": value, "z": z})
                 vanishing = value <= self.vanish_ratio * norm
                 if vanishing and name not in self._vanishing:
@@ -303,7 +312,8 @@ class Monitor:
         record = {
             "step": step, "loss": losses[-1],
             "loss_smooth": self._ema / (1.0 - self.smoothing ** self._ema_steps) if self._ema_steps else None,
-            "lr": lr, "grad_norm": norms[-1], "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
+            "lr": lr, "grad_norm": norms[-1], "grad_norm_max": max((n for n in norms if math.isfinite(n)), default=None),
+            "tokens_per_s": tokens_per_s, "flops_per_s": flops_per_s,
             "mfu": compute_mfu(self.flops_per_token, tokens_per_s, self.peak_flops) if flops_per_s else None,
             "tokens_seen": state.tokens_seen, "data_share": data / seconds if seconds > 0 else None,
             "skipped_steps": skipped, "elapsed_s": now - self._t0,
@@ -351,7 +361,7 @@ class Monitor:
         if self._writer is not None:
             self._to_tensorboard(record)
         if self.live and "loss" in record:
-            self._live.update(self.records, self.anomalies)
+            self.live_view.update(self.records, self.anomalies)
 
     def _to_tensorboard(self, record: dict) -> None:
         step = record["step"]

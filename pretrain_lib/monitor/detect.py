@@ -77,7 +77,7 @@ def expected_initial_loss(vocab_size: int) -> float:
 
 
 def check_initial_loss(model: nn.Module, batch: dict, objective: Callable, vocab_size: int,
-                       *, tolerance: float = 0.1) -> dict:
+                       *, tolerance: float = 0.05) -> dict:
     """Loss of ``model`` on ``batch`` before training against ``ln |V|``.
 
     Returns ``{"loss", "expected", "ratio", "ok"}``; ``ok`` when the loss is within
