@@ -124,7 +124,8 @@ def sweep_batches(data: SweepData, *, seq_len: int, batch_size: int, seed: int) 
 def run_isoflop_sweep(budgets: Sequence[float], shapes: Sequence[ModelShape], data: SweepData, *,
                       seq_len: int = 64, batch_size: int = 16, lr: float = 3e-3, min_lr_ratio: float = 0.1,
                       seed: int = 0, min_steps: int = 20, max_steps: int | None = None, eval_windows: int = 32,
-                      device: str = "auto", log: Callable[[str], None] | None = print) -> list[IsoFlopRun]:
+                      device: str = "auto", compile: bool = False,
+                      log: Callable[[str], None] | None = print) -> list[IsoFlopRun]:
     """Train every shape at every compute budget with the engine and return the runs.
 
     For budget C and a model of ``flops_per_token`` F, the run takes
@@ -135,7 +136,8 @@ def run_isoflop_sweep(budgets: Sequence[float], shapes: Sequence[ModelShape], da
     ``min_steps`` steps are skipped (too short to mean anything), and so are runs with more
     than ``max_steps`` (tiny models at large budgets: slow, far from optimal).
     ``run.extra`` holds the shape, the steps, the FLOPs actually spent, the seconds, the final
-    training loss and the learning rate of every step.
+    training loss and the learning rate of every step. ``compile`` is off by default even on a
+    GPU: each run is a new model, and compiling a model this small costs more than it saves.
     """
     if not budgets or not shapes:
         raise ValueError("run_isoflop_sweep needs at least one budget and one model shape")
@@ -171,7 +173,7 @@ def run_isoflop_sweep(budgets: Sequence[float], shapes: Sequence[ModelShape], da
             model = GPT(config)
             history = train(model, sweep_batches(data, seq_len=seq_len, batch_size=batch_size, seed=seed),
                             clm_objective, steps=steps, lr=lr, lr_schedule=schedule, device=dev, seed=seed,
-                            eval_every=steps, eval_fn=eval_fn, progress=False)
+                            eval_every=steps, eval_fn=eval_fn, compile=compile, progress=False)
             n_params = scaling_params(model)
             tokens = steps * tokens_per_step
             run = IsoFlopRun(compute=float(budget), params=float(n_params), tokens=float(tokens),
