@@ -323,3 +323,68 @@ def test_initial_loss_is_log_vocab_for_the_course_init():
     report = check_initial_loss(_gpt(), {"input_ids": _data()[:8]}, clm_objective, VOCAB)
     assert report["expected"] == pytest.approx(math.log(VOCAB))
     assert report["ok"], report
+
+
+def test_vanishing_layer_flagged_once_at_its_step():
+    from_step, model = 12, _gpt()
+    calls = {"n": 0}
+
+    def silence(grad):  # from step 12 on, the position embedding gets no gradient (a detached branch)
+        calls["n"] += 1
+        return grad * 0.0 if calls["n"] >= from_step else grad
+
+    model.backbone.pos_emb.weight.register_hook(silence)
+    monitor = Monitor(peak_flops=1e12)
+    _run(monitor, steps=20, log_every=5, model=model)
+    assert [(a["step"], a["kind"], a["layer"]) for a in monitor.anomalies] == [(from_step, "layer_vanishing", "pos_emb")]
+
+
+def test_source_style_norm_and_the_read_counter():
+    from pretrain_lib.monitor import count_host_reads, source_style_grad_norm
+
+    model = _gpt()
+    clm_objective(model, {"input_ids": _data()[:4]})[0].backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    reference = float(torch.nn.utils.clip_grad_norm_(params, max_norm=float("inf")))
+    with count_host_reads() as reads:
+        value = source_style_grad_norm(model)
+    assert value == pytest.approx(reference, rel=1e-5)
+    assert reads.count == len(params)  # one .item() per parameter tensor: the pitfall, counted
+    with count_host_reads() as after:
+        pass
+    assert after.count == 0 and "wrapper" not in torch.Tensor.item.__qualname__  # the patches are undone
+    with count_host_reads() as none:
+        grad_norms(LayerIndex(model))
+    assert none.count == 0
+
+
+def test_grad_norm_max_covers_every_step_of_the_window():
+    monitor = Monitor(peak_flops=1e12)
+    history = _run(monitor, steps=10, log_every=5)
+    assert [r["grad_norm_max"] for r in monitor.records] == pytest.approx(
+        [max(history.grad_norms[:5]), max(history.grad_norms[5:])], rel=1e-6)
+
+
+def test_headless_live_view_writes_the_final_dashboard(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_HEADLESS", "1")
+    monkeypatch.setenv("COURSE_FIGURE_DIR", str(tmp_path))
+    monitor = Monitor(live=True, live_figure="final_view", peak_flops=1e12)
+    _run(monitor, steps=10, log_every=5)
+    assert monitor.live_view.saved == tmp_path / "final_view.png" and monitor.live_view.saved.stat().st_size > 0
+
+
+def test_a_monitor_reused_for_a_second_run_appends(tmp_path):
+    path = tmp_path / "run.jsonl"
+    monitor = Monitor(path, peak_flops=1e12)
+    _run(monitor, steps=5, log_every=5)
+    _run(monitor, steps=5, log_every=5)
+    assert [r["step"] for r in read_jsonl(path)] == [5, 5]
+
+
+def test_overfit_check_passes_for_the_course_gpt_and_fails_when_nothing_learns():
+    from pretrain_lib.monitor import check_overfits_one_batch
+
+    batch = {"input_ids": _data()[:4]}
+    assert check_overfits_one_batch(_gpt(), batch, clm_objective, steps=60, lr=1e-2, device="cpu")["ok"]
+    stuck = check_overfits_one_batch(_gpt(), batch, clm_objective, steps=10, lr=1e-7, device="cpu")
+    assert not stuck["ok"] and stuck["final"] == pytest.approx(stuck["initial"], abs=0.05)

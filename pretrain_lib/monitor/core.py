@@ -154,6 +154,7 @@ class Monitor:
             self._file = None
         if self.live and self.records:
             self.live_view.final(self.records, self.anomalies)
+        self._started, self._resumed = False, True  # a later train() call with this monitor appends to its log
 
     # ------------------------------------------------------------------ checkpointing
 
