@@ -9,15 +9,20 @@ from pretrain_lib.notebooks import chapter_notebooks, execute_notebook
 NOTEBOOKS = chapter_notebooks(REPO / "chapters")
 
 
+def launches_torchrun(notebook) -> bool:
+    """Notebooks that start 2-rank jobs share one xdist worker: never two such jobs on 2 cores at once."""
+    text = notebook.read_text(encoding="utf-8")
+    return notebook.parent.name == "03_distributed" or "run_torchrun" in text or "distributed.launch" in text
+
+
 def test_there_are_chapter_notebooks():
     assert len(NOTEBOOKS) >= 4
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("notebook", [
-    # notebooks that launch torchrun share the "torchrun" worker: never two 2-rank jobs on 2 cores at once
     pytest.param(p, id=f"{p.parent.name}/{p.name}",
-                 marks=[pytest.mark.xdist_group("torchrun")] if p.parent.name == "03_distributed" else [])
+                 marks=[pytest.mark.xdist_group("torchrun")] if launches_torchrun(p) else [])
     for p in NOTEBOOKS])
 def test_notebook_executes(notebook, tmp_path):
     run = execute_notebook(notebook, build_dir=tmp_path, parameters=notebook_test_parameters(notebook),
