@@ -33,7 +33,7 @@ import torch
 from pretrain_lib.data.loader import random_windows
 from pretrain_lib.model import GPT, ModelConfig
 from pretrain_lib.monitor import Monitor
-from pretrain_lib.monitor.reads import SourceStyleRecorder
+from pretrain_lib.monitor.reads import SourceStyleRecorder, TimedCallback
 from pretrain_lib.train import clm_objective, train
 
 
@@ -47,26 +47,10 @@ class StepTimer:
         self.times.append(time.perf_counter())
 
 
-class Timed:
-    """Wraps a callback and adds up the seconds spent inside its hooks after the warm-up steps."""
-
-    def __init__(self, inner, warmup: int):
-        self.inner, self.warmup, self.seconds = inner, warmup, 0.0
-
-    def on_step(self, state) -> None:
-        start = time.perf_counter()
-        self.inner.on_step(state)
-        if state.step > self.warmup:
-            self.seconds += time.perf_counter() - start
-
-    def on_end(self, state) -> None:
-        getattr(self.inner, "on_end", lambda s: None)(state)
-
-
 def seconds_per_step(model, batches, steps: int, warmup: int, extra: list) -> tuple[float, float]:
     """(seconds per step, seconds per step spent inside the extra callback) after ``warmup`` steps."""
     timer = StepTimer()
-    timed = [Timed(cb, warmup) for cb in extra]
+    timed = [TimedCallback(cb, warmup) for cb in extra]
     train(model, batches, clm_objective, steps=warmup + steps, device="cpu", progress=False, log_every=10,
           lr=1e-3, callbacks=[*timed, timer])
     return (timer.times[-1] - timer.times[warmup - 1]) / steps, sum(t.seconds for t in timed) / steps

@@ -16,9 +16,9 @@ from .detect import (RollingZScore, check_initial_loss, check_overfits_one_batch
 from .norms import LayerIndex, grad_norms, layer_of
 from .peak import datasheet_peak, measure_peak_flops, mfu, peak_flops, peak_flops_info
 from .plot import LiveDashboard, plot_records, plot_run
-from .reads import SourceStyleRecorder, count_host_reads, source_style_grad_norm
+from .reads import SourceStyleRecorder, TimedCallback, count_host_reads, source_style_grad_norm
 
 __all__ = ["Monitor", "read_jsonl", "RollingZScore", "rolling_spikes", "expected_initial_loss",
            "check_initial_loss", "check_overfits_one_batch", "LayerIndex", "grad_norms", "layer_of",
            "datasheet_peak", "measure_peak_flops", "mfu", "peak_flops", "peak_flops_info", "LiveDashboard",
-           "plot_records", "plot_run", "SourceStyleRecorder", "count_host_reads", "source_style_grad_norm"]
+           "plot_records", "plot_run", "SourceStyleRecorder", "TimedCallback", "count_host_reads", "source_style_grad_norm"]

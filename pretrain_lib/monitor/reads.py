@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -84,3 +85,23 @@ class SourceStyleRecorder:
         self.losses.append(state.last.loss.item())
         self.grad_norms.append(source_style_grad_norm(state.model))
         self.lrs.append(state.optimizer.param_groups[0]["lr"])
+
+
+class TimedCallback:
+    """Wraps an engine callback and adds up the seconds spent in its ``on_step`` after ``warmup``
+    steps (``.seconds``): what watching costs, measured inside the same run as the training."""
+
+    def __init__(self, inner, warmup: int = 0):
+        self.inner, self.warmup, self.seconds = inner, warmup, 0.0
+
+    def on_step(self, state) -> None:
+        start = time.perf_counter()
+        self.inner.on_step(state)
+        if state.step > self.warmup:
+            self.seconds += time.perf_counter() - start
+
+    def on_eval(self, state) -> None:
+        getattr(self.inner, "on_eval", lambda s: None)(state)
+
+    def on_end(self, state) -> None:
+        getattr(self.inner, "on_end", lambda s: None)(state)
