@@ -388,3 +388,11 @@ def test_overfit_check_passes_for_the_course_gpt_and_fails_when_nothing_learns()
     assert check_overfits_one_batch(_gpt(), batch, clm_objective, steps=60, lr=1e-2, device="cpu")["ok"]
     stuck = check_overfits_one_batch(_gpt(), batch, clm_objective, steps=10, lr=1e-7, device="cpu")
     assert not stuck["ok"] and stuck["final"] == pytest.approx(stuck["initial"], abs=0.05)
+
+
+def test_monitor_log_every_is_independent_of_the_engine():
+    monitor = Monitor(log_every=3, peak_flops=1e12)
+    history = _run(monitor, steps=10, log_every=5)
+    assert [r["step"] for r in monitor.records] == [3, 6, 9, 10]
+    assert [r["loss"] for r in monitor.records] == pytest.approx([history.losses[i - 1] for i in (3, 6, 9, 10)],
+                                                                 rel=1e-6)
