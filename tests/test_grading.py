@@ -29,7 +29,7 @@ from pretrain_lib.grading.build import build_all, stub_source
 from pretrain_lib.grading.checks import check, fmt
 from pretrain_lib.grading.grader import NotANotebook, assemble, grade_notebook, read_submission
 from pretrain_lib.grading.gradebook import find_submissions, grade_class, load_exercises
-from pretrain_lib.grading.reference import load_exercise
+from pretrain_lib.grading.reference import load_exercise, reference_values
 from pretrain_lib.grading.review import review_source
 from pretrain_lib.grading.sandbox import bwrap_problem, parse_size, status_line
 
@@ -39,6 +39,8 @@ TOY = "99_toy"
 TOY_MAX = 7          # 1 + 2 + 3 + 1
 TOY_FREE = 1         # the check that needs no answer
 SANDBOXED = bwrap_problem() is None
+COURSE_EXERCISES = [REPO / "exercises" / f"{n}.ipynb" for n in ("01_objectives", "02_data", "03_distributed",
+                                                                "04_scaling")]
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -128,9 +130,10 @@ def test_built_exercise_has_check_ids_defines_and_no_solution(toy, toy_exercises
     assert not any(o.get("name") == "stderr" for c in check_cells for o in c.outputs)
     assert "mean([0.1, 0.2]) = 0.15" in toy.checks[1].expected
     assert "return a + b" not in (toy_exercises / f"{TOY}.ipynb").read_text()
-    for path in sorted((REPO / "exercises").glob("*.ipynb")):   # every course check has a probe and an id
+    for path in COURSE_EXERCISES:        # every check of these exercises has a probe and a check_id
         ex = load_exercise(path)
-        assert ex.probe_source and ex.solution and len({c.check_id for c in ex.checks}) == len(ex.checks)
+        assert ex.solution and set(ex.judges) == {c.check_id for c in ex.checks}
+        assert all(c.check_id != c.cell_id and c.answer for c in ex.checks)
 
 
 def test_assembled_notebook_holds_no_expected_output_and_a_probe_per_check(toy):
@@ -170,7 +173,8 @@ def test_answers_are_matched_by_the_names_they_define(toy):
 
 ATTACKS = {
     # answer source: what must be flagged (a fragment of the REVIEW reason)
-    "obfuscated_print": ("b = __import__('built' + 'ins')\nsetattr(b, 'pr' + 'int', lambda *a, **k: None)", "__import__"),
+    "obfuscated_print": ("b = __import__('built' + 'ins')\nsetattr(b, 'pr' + 'int', lambda *a, **k: None)",
+                         "__import__"),
     "getattr_print": ("import sys\ng = getattr(sys.modules['builtins'], 'print')", "sys.modules"),
     "checks_module": ("import sys\nsys.modules['pretrain_lib.grading.checks'].check = lambda n, f: print('PASS', n)",
                       "sys.modules"),
@@ -198,7 +202,7 @@ def test_forbidden_shortcuts_are_flagged_from_the_syntax_tree(name):
 
 def test_honest_answers_are_not_flagged():
     assert review_source("# uses __import__ and exec only in a comment\ns = 'globals()'\nx = [1].copy()") == []
-    for path in sorted((REPO / "exercises").glob("*.ipynb")):
+    for path in COURSE_EXERCISES:
         ex = load_exercise(path)
         sol = nbformat.read(ex.solution, as_version=4)
         for cell in sol.cells:
@@ -258,9 +262,11 @@ def test_whole_notebook_limit_stops_a_slow_submission(toy, tmp_path):
         cell = next(c for c in slow.cells if c.id == cid)
         cell.source = "import time\ntime.sleep(3)\n" + cell.source.replace("# BEGIN SOLUTION\n", "").replace(
             "# END SOLUTION", "")
-    result = grade_notebook(_write(slow, tmp_path / f"{TOY}.ipynb"), toy, timeout_s=5, cell_timeout_s=4.5)
+    reference_values(toy, 7)               # the trusted reference run is not part of the notebook's time
+    start = time.monotonic()
+    result = grade_notebook(_write(slow, tmp_path / f"{TOY}.ipynb"), toy, timeout_s=5, cell_timeout_s=4.5, seed=7)
     assert result.status == "timeout"
-    assert result.seconds < 5 + 15
+    assert time.monotonic() - start < 5 + 20
     assert result.checks[0].passed and not result.checks[-1].passed   # checks done before the limit keep their points
     assert any("time limit" in n for n in result.notes)
 
@@ -273,7 +279,7 @@ BAD_STUDENTS = {
     "loops_forever": ("answer-add", "while True:\n    try:\n        pass\n    except BaseException:\n        pass"),
     "calls_sys_exit": ("answer-add", "import sys\nsys.exit(3)"),
     "calls_os_exit": ("answer-mean", "import os\nos._exit(1)"),
-    "huge_output": ("answer-add", "print('x' * 20_000_000)\nfor i in range(200_000):\n    print(i)\n"
+    "huge_output": ("answer-add", "print('x' * 5_000_000)\nfor i in range(100_000):\n    print(i)\n"
                                   "def add(a, b):\n    return a + b"),
     "vandal": ("answer-add", "import os, shutil\nopen('planted.txt', 'w').write('x')\n"
                              "for f in os.listdir('.'):\n    os.remove(f) if os.path.isfile(f) else None\n"
@@ -307,10 +313,12 @@ CHEATS = {
 def _hostile(repo_readme: Path, victim: Path, port: int) -> dict[str, str]:
     sol_files = [str(REPO / "solutions" / "01_objectives.ipynb"), str(FIXTURE_SOLUTION)]
     correct = "def add(a, b):\n    return a + b"
+    course = [repo_readme, REPO / "VANDALISED", REPO / "exercises" / "01_objectives.ipynb"]
+    targets = [str(p) for p in course] + [str(victim)] if SANDBOXED else [str(victim)]
     return {
         "escapes_with_setsid": "import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
                                "        os.execvp('sleep', ['sleep', '61.4321'])\n    os._exit(0)\n" + correct,
-        "writes_course": f"for target in {[str(repo_readme), str(REPO / 'VANDALISED'), str(victim)] if SANDBOXED else [str(victim)]!r}:\n"
+        "writes_course": f"for target in {targets!r}:\n"
                          "    try:\n        open(target, 'a').write('vandalised')\n    except OSError:\n        pass\n"
                          + correct,
         "reads_solutions": f"import os\nseen = any(os.path.exists(p) for p in {sol_files!r})\n"
@@ -398,11 +406,11 @@ def test_class_of_honest_sloppy_cheating_and_hostile_students(toy_exercises, tmp
     victim = subs / "good0" / f"{TOY}.ipynb"
     for name, source in _hostile(REPO / "README.md", victim, server.getsockname()[1]).items():
         _write(_answer(solution, "answer-add", source), subs / f"hostile_{name}" / f"{TOY}.ipynb")
-    repo_before, subs_before = _tree_digest(REPO / "exercises"), _tree_digest(subs)
+    subs_before = _tree_digest(subs)
 
     env = dict(os.environ, TMPDIR=str(host_tmp))
     run = subprocess.run([sys.executable, "-m", "pretrain_lib.grading", "grade", str(subs), "--out", str(out),
-                          "--jobs", "2", "--timeout", "60", "--cell-timeout", "8", "--memory-limit", "700M",
+                          "--jobs", "2", "--timeout", "90", "--cell-timeout", "15", "--memory-limit", "700M",
                           "--exercises", str(toy_exercises), "--solutions", str(FIXTURE_SOLUTION.parent)],
                          capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     stop.set()
@@ -433,7 +441,8 @@ def test_class_of_honest_sloppy_cheating_and_hostile_students(toy_exercises, tmp
     assert "On the grader's hidden inputs" in feedback["cheat_hardcoded"]
     assert "REVIEW:" in feedback["cheat_library"] and "statistics" in feedback["cheat_library"]
     # hostile: nothing outside the scratch folder changed, nothing left running, nothing left in /tmp
-    assert _tree_digest(REPO / "exercises") == repo_before and _tree_digest(subs) == subs_before
+    assert _tree_digest(subs) == subs_before
+    assert b"vandalised" not in (REPO / "exercises" / "01_objectives.ipynb").read_bytes()
     assert b"vandalised" not in (REPO / "README.md").read_bytes() and not (REPO / "VANDALISED").exists()
     assert list(host_tmp.iterdir()) == [], list(host_tmp.iterdir())
     mem_row = status["hostile_memory_hog"]
@@ -502,7 +511,7 @@ OBJECTIVES = REPO / "exercises" / "01_objectives.ipynb"
 def test_objectives_exercise_cannot_be_fooled(tmp_path):
     solution = nbformat.read(REPO / "solutions" / "01_objectives.ipynb", as_version=4)
     exercise = nbformat.read(OBJECTIVES, as_version=4)
-    ex = load_exercise(OBJECTIVES)
+    ex = load_exercise(OBJECTIVES, REPO / "solutions")
     total = sum(c.max_points for c in ex.checks)
     subs, out = tmp_path / "subs", tmp_path / "out"
     _write(solution, subs / "solution" / "01_objectives.ipynb")
@@ -520,9 +529,13 @@ def test_objectives_exercise_cannot_be_fooled(tmp_path):
     _write(partial, subs / "partial" / "01_objectives.ipynb")
     library = copy.deepcopy(solution)                      # the library's own loss: correct, but flagged
     next(c for c in library.cells if c.id == "0258d9e0").source = (
-        "from pretrain_lib import objectives as _o\ndef mlm_loss(logits, labels):\n    return _o.mlm_loss(logits, labels)")
+        "from pretrain_lib import objectives as _o\n"
+        "def mlm_loss(logits, labels):\n    return _o.mlm_loss(logits, labels)")
     _write(library, subs / "library" / "01_objectives.ipynb")
-    report = grade_class(subs, out, jobs=2, timeout_s=300)
+    exercises = tmp_path / "exercises"      # only this exercise: others may be mid-edit in the working tree
+    exercises.mkdir()
+    shutil.copy(OBJECTIVES, exercises)
+    report = grade_class(subs, out, exercises_dir=exercises, solutions_dir=REPO / "solutions", jobs=2, timeout_s=300)
     assert report.not_graded == []
     rows = _rows(out)
     assert float(rows["solution/01_objectives"]["points"]) == total
@@ -552,3 +565,24 @@ def test_distributed_exercise_runs_torchrun_inside_the_sandbox(tmp_path, monkeyp
     full = grade_notebook(REPO / "solutions" / "03_distributed.ipynb", ex, memory_bytes=4 * 2**30)
     assert (full.status, full.points) == ("graded", full.max_points), full.notes
     assert list(host_tmp.iterdir()) == [], "the grader, the reference run or torchrun left files behind"
+
+
+def test_without_the_sandbox_it_still_grades_and_cleans_up(toy, toy_exercises, tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    untouched = grade_notebook(toy_exercises / f"{TOY}.ipynb", toy, sandbox=False)
+    assert (untouched.status, untouched.points) == ("graded", TOY_FREE)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_check_without_id_or_probe_is_graded_on_its_visible_output(toy_exercises, tmp_path):
+    nb = nbformat.read(toy_exercises / f"{TOY}.ipynb", as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("check_id", None)
+    _write(nb, tmp_path / "ex" / "98_plain.ipynb")
+    shutil.copy(FIXTURE_SOLUTION, (tmp_path / "sol").mkdir() or tmp_path / "sol" / "98_plain.ipynb")
+    plain = load_exercise(tmp_path / "ex" / "98_plain.ipynb", tmp_path / "sol")
+    assert [c.check_id for c in plain.checks] == ["check-add", "check-mean", "check-ratio", "check-free"]
+    assert plain.probe_source is None and plain.judges == {}
+    built = assemble(plain, _solution(), seed=3)
+    assert not any(c.metadata.get("grading_probe") for c in built.notebook.cells)

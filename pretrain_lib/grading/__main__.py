@@ -134,7 +134,8 @@ def _grade(args) -> int:
         print(f"review: {student}/{exercise} (an answer uses a forbidden shortcut; see the REVIEW notes in its "
               "feedback)", file=sys.stderr)
     if report.not_graded:
-        print(f"{len(report.not_graded)} submission(s) could not be graded (see their feedback files):", file=sys.stderr)
+        print(f"{len(report.not_graded)} submission(s) could not be graded (see their feedback files):",
+              file=sys.stderr)
         for student, exercise, status in report.not_graded:
             print(f"  {student}/{exercise}: {status}", file=sys.stderr)
         return 1

@@ -5,7 +5,9 @@ the code outside ``# BEGIN SOLUTION`` / ``# END SOLUTION`` and the part between 
 ``raise NotImplementedError``; check cells (tag ``check``) keep the outputs the solution
 produced (stdout and results; stderr is dropped since grading ignores it) and an execution
 count, which nbval needs to compare a cell; every other code cell loses its outputs and count
-and is tagged ``nbval-ignore-output``.
+and is tagged ``nbval-ignore-output``. A check cell's ``metadata.check_id`` (the gradebook's
+column; the cell id when absent) must be unique; each answer cell gets ``metadata.course.defines``,
+the names its solution defines, by which the grader finds a student's answer wherever it is.
 """
 from __future__ import annotations
 
@@ -106,11 +108,8 @@ def exercise_from_solution(solution: Path, executed: nbformat.NotebookNode | Non
         else:
             cell.outputs = []
             if "answer" in cell_tags:
-                names = sorted(defined_names(cell.source))
-                if not names:
-                    raise ValueError(f"{solution.name}: answer cell {cell.id} defines no function or variable; "
-                                     "the grader finds answers by the names they define")
-                cell.metadata.setdefault("course", {})["defines"] = names
+                # the grader finds answers by these names (an answer that defines none is found by its id)
+                cell.metadata.setdefault("course", {})["defines"] = sorted(defined_names(cell.source))
                 cell.source = stub_source(cell.source)
             if "nbval-ignore-output" not in cell_tags:
                 cell.metadata["tags"] = cell_tags + ["nbval-ignore-output"]

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from .feedback import feedback_markdown
 from .feedback import fmt_points as _fmt_points
-from .grader import DEFAULT_CELL_TIMEOUT_S, DEFAULT_TIMEOUT_S, EXERCISES_DIR, CheckResult, SubmissionResult, grade_notebook
+from .grader import (DEFAULT_CELL_TIMEOUT_S, DEFAULT_TIMEOUT_S, EXERCISES_DIR, CheckResult, SubmissionResult,
+                     grade_notebook)
 from .reference import Exercise, default_solutions_dir, load_exercise
 from .runner import kill_all_running
 from .sandbox import default_memory_limit

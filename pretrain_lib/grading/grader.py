@@ -174,6 +174,8 @@ def assemble(ex: Exercise, submission: nbformat.NotebookNode, seed: int) -> Asse
         cell.metadata["tags"] = sorted(set(layout.tags(cell)) | {"nbval-ignore-output"})
         if layout.is_code(cell, "check"):
             cell.outputs = []                      # the expected output never enters the sandbox
+            if layout.check_id(cell) not in ex.judges:
+                continue
             probe = nbformat.v4.new_code_cell(probe_cell_source(payload, [layout.check_id(cell)]),
                                               id=f"grading-probe-{len(cells)}")
             probe.metadata["tags"] = ["nbval-ignore-output"]
@@ -209,6 +211,10 @@ def grade_notebook(submission: Path, exercise: Exercise | Path, *, student: str 
     reference, ref_note = reference_values(ex, seed)
     if ref_note:
         result.notes.append(ref_note)
+    unprobed = [c.check_id for c in ex.checks if c.check_id not in ex.judges]
+    if reference is not None and unprobed:
+        result.notes.append(f"checks {', '.join(unprobed)} have no hidden probe: their points come from the visible "
+                            "output only")
     built = assemble(ex, student_nb, seed)
     result.notes.extend(built.notes)
     result.ignored_cells = built.ignored
@@ -249,7 +255,7 @@ def _score(result: SubmissionResult, run, built: Assembled, ex: Exercise, refere
 
 
 def _judge(ex: Exercise, cid: str, student, reference: dict | None, seed: int) -> tuple[bool, str]:
-    if reference is None:                      # no solution to compare with: visible output only
+    if reference is None or cid not in ex.judges:   # nothing to compare with: visible output only
         return True, ""
     ref = reference.get(cid)
     if not isinstance(ref, dict) or "value" not in ref:
@@ -292,8 +298,8 @@ def _status(result: SubmissionResult, run, timeout_s: float, cell_timeout_s: flo
         result.status = "timeout"
         slow = next((r for r in cells if r.get("timed_out")), None)
         where = f" in the cell with id {slow.get('id')}" if slow else ""
-        result.notes.append(f"time limit reached{where} (per cell {cell_timeout_s:g} s, whole notebook {timeout_s:g} s); "
-                            "the kernel was stopped and the checks after it scored 0")
+        result.notes.append(f"time limit reached{where} (per cell {cell_timeout_s:g} s, whole notebook "
+                            f"{timeout_s:g} s); the kernel was stopped and the checks after it scored 0")
     elif died:
         result.status = "error"
         first = min(died, key=lambda r: r.get("index", 0))

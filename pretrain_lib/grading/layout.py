@@ -42,8 +42,13 @@ def number_checks(cells) -> None:
 
 
 def check_id(cell) -> str:
-    """The stable id of a check cell (``metadata.check_id``); raises ValueError saying how to fix it."""
+    """The stable id of a check cell: ``metadata.check_id``, else the cell's own id.
+
+    Raises ValueError saying how to fix a malformed one.
+    """
     cid = cell.get("metadata", {}).get("check_id")
+    if cid is None and isinstance(cell.get("id"), str) and cell.get("id"):
+        return cell.get("id")
     if not isinstance(cid, str) or not CHECK_ID.match(cid):
         raise ValueError(f"check cell {cell.get('id')}: metadata 'check_id' must be a short lowercase id such as "
                          f"'mlm-loss' (got {cid!r}); add it to the solution and rebuild")

@@ -45,6 +45,7 @@ class Check:
 
 @dataclass
 class Exercise:
+    """A reference exercise; ``judges`` holds the checks that have a hidden probe."""
     name: str
     path: Path
     notebook: nbformat.NotebookNode
@@ -123,10 +124,6 @@ def load_exercise(path: Path, solutions_dir: Path | None = None) -> Exercise:
             raise ValueError(f"{path}: check cell {cell.get('id')} has no reference output; "
                              "rebuild it with `python -m pretrain_lib.grading build`")
     answers = [c for c in nb.cells if layout.is_code(c, "answer")]
-    for c in answers:
-        if not layout.answer_defines(c):
-            raise ValueError(f"{path}: answer cell {c.get('id')} has no metadata.course.defines; "
-                             "rebuild it with `python -m pretrain_lib.grading build`")
     solutions_dir = Path(solutions_dir) if solutions_dir else default_solutions_dir(path.parent)
     solution = solutions_dir / path.name
     ex = Exercise(name, path, nb, checks, [c.get("id") for c in answers],
@@ -140,13 +137,10 @@ def load_exercise(path: Path, solutions_dir: Path | None = None) -> Exercise:
         ex.probe_source = (PACKAGE_PROBES / "_common.py").read_text() + "\n\n" + probe_file.read_text()
         module = load_probes(ex.probe_source, str(probe_file))
         probes = module["PROBES"]
-        unknown = [c.check_id for c in checks if c.check_id not in probes]
-        if unknown:
-            raise ValueError(f"{probe_file}: no probe for check(s) {unknown} of {path.name}")
-        ex.judges = {cid: p["judge"] for cid, p in probes.items()}
+        ex.judges = {c.check_id: probes[c.check_id]["judge"] for c in checks if c.check_id in probes}
         ex.forbidden = set(module.get("FORBIDDEN", set()))
         for c in checks:
-            c.answer = probes[c.check_id].get("answer")
+            c.answer = probes.get(c.check_id, {}).get("answer")
     return ex
 
 
@@ -164,7 +158,7 @@ def solution_cells(solution: Path) -> list[str]:
 
 def reference_values(ex: Exercise, seed: int) -> tuple[dict | None, str]:
     """``({check_id: {"value": …}}, note)``; ``(None, note)`` when points can only come from the visible output."""
-    if ex.probe_source is None:
+    if ex.probe_source is None or not ex.judges:
         return None, (f"this exercise has no hidden probes (no probes/{ex.name}.py): points come from the visible "
                       "output only, which the student's code can forge")
     if ex.solution is None:
@@ -181,7 +175,7 @@ def reference_values(ex: Exercise, seed: int) -> tuple[dict | None, str]:
 
 def _run_reference(ex: Exercise, seed: int) -> dict:
     request = {"probes": ex.probe_source, "cells": solution_cells(ex.solution), "seed": seed,
-               "check_ids": [c.check_id for c in ex.checks]}
+               "check_ids": [c.check_id for c in ex.checks if c.check_id in ex.judges]}
     with tempfile.TemporaryDirectory(prefix="grading-reference-") as tmp:
         env = dict(os.environ, TMPDIR=tmp, MPLBACKEND="Agg", COURSE_HEADLESS="1", PYTHONDONTWRITEBYTECODE="1")
         env.setdefault("OMP_NUM_THREADS", "1")
@@ -192,6 +186,8 @@ def _run_reference(ex: Exercise, seed: int) -> dict:
                            f"{run.stderr.strip()[-1500:]}")
     values = json.loads(run.stdout)
     for check in ex.checks:
+        if check.check_id not in ex.judges:
+            continue
         ref = values.get(check.check_id, {})
         if "value" not in ref:
             raise RuntimeError(f"the solution of {ex.name} fails the hidden probe {check.check_id!r}: "
