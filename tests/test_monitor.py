@@ -396,3 +396,62 @@ def test_monitor_log_every_is_independent_of_the_engine():
     assert [r["step"] for r in monitor.records] == [3, 6, 9, 10]
     assert [r["loss"] for r in monitor.records] == pytest.approx([history.losses[i - 1] for i in (3, 6, 9, 10)],
                                                                  rel=1e-6)
+
+
+_FSDP_SCRIPT = '''
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from pretrain_lib.model import GPT, ModelConfig
+from pretrain_lib.train import train_step, clm_objective, TrainConfig, TrainState, TrainHistory
+from pretrain_lib.optim import build_optimizer
+from pretrain_lib.monitor import Monitor
+from pretrain_lib.distributed.strategies import apply_fsdp
+
+
+def run(sharded):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=40, d_model=32, n_heads=2, n_layers=2, max_seq_len=16))
+    if sharded:
+        apply_fsdp(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    opt = build_optimizer(model, lr=1e-2)
+    data = torch.randint(0, 40, (64, 16), generator=torch.Generator().manual_seed(0))
+    monitor = Monitor(peak_flops=1e12, flops_per_token=1.0)
+    state = TrainState(step=0, model=model, optimizer=opt, config=TrainConfig(steps=6, log_every=3, grad_clip=0.5),
+                       batches=None, history=TrainHistory())
+    for step in range(6):  # the engine's step, driven by hand: every rank trains on the same batch
+        batch = {"input_ids": data[step * 4:step * 4 + 4]}
+        state.last = train_step(model, [batch], clm_objective, opt, grad_clip=0.5, dp_group=True if sharded else None)
+        state.step, state.tokens_seen, state.lr = step + 1, state.tokens_seen + 64, 1e-2
+        monitor.on_step(state)
+    monitor.on_end(state)
+    return monitor.records
+
+
+dist.init_process_group("gloo")
+sharded = run(True)
+if dist.get_rank() == 0:
+    single = run(False)
+    pairs = [(a[key][name], b[key][name]) for a, b in zip(sharded, single)
+             for key in ("layer_grad_norms", "layer_update_ratios") for name in b[key]]
+    json.dump({"pairs": pairs, "steps": [r["step"] for r in sharded]}, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.distributed
+@pytest.mark.xdist_group("torchrun")
+def test_fsdp_shard_norms_equal_the_single_process_norms(tmp_path):
+    """Under FSDP2 each rank holds shards: the monitor sums squared shard norms over ranks."""
+    import os
+    import subprocess
+
+    script, out = tmp_path / "fsdp_monitor.py", tmp_path / "out.json"
+    script.write_text(_FSDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["steps"] == [3, 6] and len(result["pairs"]) == 2 * 2 * 5
+    for sharded, single in result["pairs"]:
+        assert sharded == pytest.approx(single, rel=1e-5)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .detect import RollingZScore
-from .norms import LayerIndex, fused_norms, layer_matrix, param_grad_norms
+from .norms import LayerIndex, full, layer_matrix, local, param_grad_norms
 from .peak import mfu as compute_mfu
 from .peak import peak_flops_info
 
@@ -123,7 +123,7 @@ class Monitor:
         elif self._window is None:  # the first window starts after the first step (warm-up left out)
             self._window = (time.perf_counter(), state.tokens_seen, state.data_seconds)
         if self.update_ratios and state.step < state.config.steps and self._is_logged(state.config, state.step + 1):
-            self._snapshot = [p.detach().clone() for p in self._index.params]
+            self._snapshot = [local(p.detach()).clone() for p in self._index.params]
         if self._bar is not None:
             self._bar.update(1)
 
@@ -230,24 +230,33 @@ class Monitor:
         return bool(config.eval_every) and step % config.eval_every == 0
 
     def _read_window(self) -> tuple[list[float], list[float], list[list[float]], list[float]]:
-        """Everything the window's steps left on the device, in one host transfer."""
+        """Everything the window's steps left on the device, in one host transfer.
+
+        Under FSDP the per-parameter norms are of each rank's shard: their squares are summed
+        over ranks in one all-reduce per window (every rank logs at the same steps)."""
         n_layers = len(self._index)
         dev = self._device
-        losses = torch.stack([r.loss.float().to(dev) for _, _, r, _ in self._pending])
-        norms = torch.stack([r.grad_norm.float().to(dev) for _, _, r, _ in self._pending])
+        losses = torch.stack([local(r.loss).float().to(dev) for _, _, r, _ in self._pending])
+        norms = torch.stack([full(r.grad_norm).float().to(dev) for _, _, r, _ in self._pending])
         nan_row = torch.full((len(self._index.params),), float("nan"), device=dev)
-        per_param = torch.stack([p if p is not None else nan_row for _, _, _, p in self._pending])
-        layers = (per_param.square() @ self._layer_matrix).sqrt()  # (steps, layers)
+        squares = [torch.stack([p if p is not None else nan_row for _, _, _, p in self._pending]).square()]
+        if self._snapshot is not None:
+            now = [local(p.detach()) for p in self._index.params]
+            squares += [torch.stack(torch._foreach_norm(torch._foreach_sub(now, self._snapshot))).float().square(),
+                        torch.stack(torch._foreach_norm(self._snapshot)).float().square()]
+            self._snapshot = None
+        if self._index.sharded:
+            flat = torch.cat([s.flatten() for s in squares])
+            torch.distributed.all_reduce(flat)
+            squares = list(flat.split([s.numel() for s in squares]))
+            squares[0] = squares[0].view(len(self._pending), -1)
+        layers = (squares[0] @ self._layer_matrix).sqrt()  # (steps, layers)
         if self._clip is not None:  # the grads in place were clipped: undo the clip factor for pre-clip norms
             layers = layers / torch.clamp(self._clip / (norms + 1e-6), max=1.0)[:, None]
         parts = [losses, norms, layers.flatten()]
-        if self._snapshot is not None:
-            params = self._index.params
-            delta = fused_norms(torch._foreach_sub([p.detach() for p in params], self._snapshot),
-                                self._index.layer_ids, n_layers)
-            weight = fused_norms(self._snapshot, self._index.layer_ids, n_layers)
+        if len(squares) == 3:
+            delta, weight = ((sq @ self._layer_matrix).sqrt() for sq in squares[1:])
             parts.append(delta / weight.clamp(min=1e-12))
-            self._snapshot = None
         values = torch.cat(parts).cpu().tolist()  # the monitor's one host read of this window
         k = len(self._pending)
         layer_rows = [values[2 * k + i * n_layers: 2 * k + (i + 1) * n_layers] for i in range(k)]

@@ -15,6 +15,21 @@ import torch.nn as nn
 
 _WRAPPERS = ("module.", "_orig_mod.")  # DDP and torch.compile prefixes
 
+try:  # FSDP2 parameters and their gradients are DTensors: each rank holds a shard
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5
+    from torch.distributed._tensor import DTensor
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor itself otherwise); no communication."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a DTensor (a collective: call it on every rank); the tensor itself otherwise."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
 
 def layer_of(name: str) -> str:
     """Group a parameter name into its layer: up to the first numeric part (a block index),
@@ -43,6 +58,7 @@ class LayerIndex:
             groups = [g.split(".", 1)[1] for g in groups]
         self.names = list(dict.fromkeys(groups))
         self.params = [p for _, p in named]
+        self.sharded = any(isinstance(p, DTensor) for p in self.params)  # FSDP2: norms are per shard
         position = {g: i for i, g in enumerate(self.names)}
         self.layer_ids = torch.tensor([position[g] for g in groups])
 
@@ -65,7 +81,7 @@ def fused_norms(tensors: Sequence[torch.Tensor], layer_ids: torch.Tensor, n_laye
 def param_grad_norms(index: LayerIndex) -> torch.Tensor | None:
     """``(n_params,)`` L2 norm of each parameter's gradient (0 where there is none), one fused
     call; the cheapest thing to record every step. None when no parameter has a gradient."""
-    grads = [p.grad for p in index.params]
+    grads = [None if p.grad is None else local(p.grad) for p in index.params]
     if all(g is not None for g in grads):
         return torch.stack(torch._foreach_norm(grads)).float()
     present = [i for i, g in enumerate(grads) if g is not None]
