@@ -243,3 +243,23 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, cache_dir, uninterrupted
     final_b = ckpt.load_checkpoint(tmp_path / "out" / "ckpt_00000060.pt")
     assert all(torch.equal(final_a["model"][k], final_b["model"][k]) for k in final_a["model"])
     assert final_a["loader"] == final_b["loader"] and final_a["tokens_seen"] == final_b["tokens_seen"]
+
+
+def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    run(config_from_dict(tiny(out, cache_dir, steps=8)), verbose=False)
+    newest = out / ckpt.checkpoint_name(8)
+    newest.write_bytes(newest.read_bytes()[:-100])          # a truncated copy
+    resumed = run(config_from_dict(tiny(out, cache_dir, steps=12)), resume=True)
+    printed = capsys.readouterr().out
+    assert "ckpt_00000008.pt is corrupt" in printed and "falling back" in printed
+    assert resumed.start_step == 4 and resumed.steps == 12
+
+
+def test_the_command_line_reports_a_bad_config_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nstpes = 3\n')
+    proc = subprocess.run([sys.executable, "-m", "pretrain_lib.train", "--config", str(bad)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: unknown key train.stpes") and "Traceback" not in proc.stderr

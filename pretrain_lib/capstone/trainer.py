@@ -38,7 +38,7 @@ from .config import RunConfig, exactness_differences, load_config
 from .data import PreparedData, prepare_data, train_loader, validation_batches
 from .data import _resolve as resolve_path
 from .evaluate import fill_mask, gpt_sample, mlm_eval_objective, perplexity, validation_loss
-from .parallel import DistInfo, init_distributed, wrap_model
+from .parallel import full_state_dicts, init_distributed, load_full_state_dicts, wrap_model
 
 
 @dataclass
@@ -213,9 +213,13 @@ class Checkpointer:
         self.mlm_generator, self.result, self.dist = mlm_generator, result, dist_info
 
     def state(self, state) -> dict:
-        model = getattr(state.model, "module", state.model)
-        return {"step": state.step, "tokens_seen": state.tokens_seen, "model": model.state_dict(),
-                "optimizer": state.optimizer.state_dict(), "loader": self.loader.state_dict(), "rng": rng_state(),
+        if self.config.parallel == "fsdp":  # gather the shards into full tensors (a collective: every rank calls it)
+            model_state, optim_state = full_state_dicts(state.model, state.optimizer)
+        else:
+            model_state = getattr(state.model, "module", state.model).state_dict()
+            optim_state = state.optimizer.state_dict()
+        return {"step": state.step, "tokens_seen": state.tokens_seen, "model": model_state,
+                "optimizer": optim_state, "loader": self.loader.state_dict(), "rng": rng_state(),
                 "mlm_generator": None if self.mlm_generator is None else self.mlm_generator.get_state(),
                 "monitor": self.monitor.state_dict() if hasattr(self.monitor, "state_dict") else None,
                 "config": self.config.to_dict(), "world_size": self.dist.world_size}
@@ -317,7 +321,9 @@ def run(config: RunConfig | str | Path, *, resume: bool = False, overrides=(), p
                                                                   if diffs else ""))
     model = wrap_model(model.to(device), config.parallel, info)
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), **kwargs)
-    if found is not None:
+    if found is not None and config.parallel == "fsdp":
+        load_full_state_dicts(model, optimizer, found[1]["model"], found[1]["optimizer"])
+    elif found is not None:
         optimizer.load_state_dict(found[1]["optimizer"])
         result.resume_seconds = time.perf_counter() - begin
 
@@ -363,13 +369,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in out_dir")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one key, e.g. --set train.steps=300 (repeatable)")
+    parser.add_argument("--out", default=None, help="same as --set out_dir=DIR (the torchrun launcher passes it)")
     args = parser.parse_args(argv)
+    overrides = args.overrides + ([f"out_dir={json.dumps(args.out)}"] if args.out else [])
     try:
-        result = run(args.config, resume=args.resume, overrides=args.overrides)
+        result = run(args.config, resume=args.resume, overrides=overrides)
     except (ValueError, ckpt.CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if result.val_losses:
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    if is_main:
+        # the summary the torchrun launcher (pretrain_lib.distributed.launch) returns to a notebook
+        summary = {"start_step": result.start_step, "steps": result.steps, "losses": result.losses,
+                   "eval_steps": result.eval_steps, "val_losses": result.val_losses, "seconds": result.seconds,
+                   "tokens_per_second": result.tokens_per_second}
+        ckpt.atomic_write_bytes(result.out_dir / "metrics.json", json.dumps(summary).encode())
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if result.val_losses and is_main:
         print(f"done: step {result.steps}, val loss {result.val_losses[-1]:.4f}, "
               f"{result.tokens_per_second:,.0f} tokens/s, {result.seconds:.1f} s; output in {result.out_dir}")
     return 0
