@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 
-.PHONY: setup run test lab exercises grade lint clean
+.PHONY: setup run test lab exercises grade site lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,13 @@ exercises: setup
 grade: setup
 	@test -n "$(SUBMISSIONS)" -a -n "$(OUT)" || { echo "usage: make grade SUBMISSIONS=folder OUT=folder" >&2; exit 2; }
 	$(PY) -m pretrain_lib.grading grade "$(SUBMISSIONS)" --out "$(OUT)" --jobs $(JOBS)
+
+## make site: the course as a static offline website in build/site/ (runs `make run` first if nothing is executed)
+site: setup
+	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('mathjax') is None)" || \
+		$(PY) -m pip install --quiet --disable-pip-version-check 'django-static-mathjax==3.2.2.1'
+	ls build/chapters/*/*.ipynb >/dev/null 2>&1 || $(MAKE) run
+	$(PY) -m pretrain_lib.site
 
 lint:
 	$(PYTHON) ../shared/tools/course_lint.py .
