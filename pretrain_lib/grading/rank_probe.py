@@ -35,7 +35,8 @@ def _average(fn, seed: int, ctx) -> list:
 def _column(fn, seed: int, ctx) -> list:
     g = torch.Generator().manual_seed(seed + 2)
     d_in, d_out = 4 + seed % 5, 2 * (2 + seed % 3)
-    x, w, b = torch.randn(2, 3, d_in, generator=g), torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
+    x = torch.randn(2, 3, d_in, generator=g)
+    w, b = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
     local = fn(x, w, b, ctx.rank, ctx.world_size)
     return [round(v, 5) for v in local.flatten().tolist()] + [list(local.shape)]
 

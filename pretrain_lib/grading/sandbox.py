@@ -86,7 +86,8 @@ def status_line(memory_limit: int, sandboxed: bool | None = None) -> str:
     how = "cgroup" if _cgroup_root() else "rlimit, per process"
     if problem is None:
         return (f"sandbox: bubblewrap (course read-only, solutions/exercises/records hidden, private /tmp, no network, "
-                f"PID namespace), memory {fmt_size(memory_limit)} ({how}), {DEFAULT_MAX_PROCS} processes per submission")
+                f"PID namespace), memory {fmt_size(memory_limit)} ({how}), "
+                f"{DEFAULT_MAX_PROCS} processes per submission")
     return (f"WARNING: NOT SANDBOXED ({problem}): student code runs as you and can read and write your files "
             f"(solutions, other submissions, the gradebook), use the network and leave detached processes running; "
             f"only the time, memory ({fmt_size(memory_limit)}, {how}) and output limits apply. "

@@ -75,6 +75,10 @@ def _texts(seed, salt):
     return [texts[i] for i in order]
 
 
+def _dedup_code(ns, seed, ctx):
+    return ns["exact_dedup"]([t.replace("a", "def f():\n    ") for t in _texts(seed, 71)])
+
+
 PROBES = {
     "pack-small": {"answer": "pack", "run": _pack_small, "judge": equal},
     "pack-random-documents": {"answer": "pack", "run": _pack_random, "judge": equal},
@@ -82,7 +86,5 @@ PROBES = {
     "split-matches-library": {"answer": "split_windows", "run": _split_library, "judge": equal},
     "dedup-normalised": {"answer": "exact_dedup", "run": lambda ns, seed, ctx: ns["exact_dedup"](_texts(seed, 70)),
                          "judge": equal},
-    "dedup-code": {"answer": "exact_dedup",
-                   "run": lambda ns, seed, ctx: ns["exact_dedup"]([t.replace("a", "def f():\n    ") for t in _texts(seed, 71)]),
-                   "judge": equal},
+    "dedup-code": {"answer": "exact_dedup", "run": _dedup_code, "judge": equal},
 }

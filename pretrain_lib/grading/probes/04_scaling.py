@@ -8,7 +8,8 @@ FORBIDDEN = {"PAPER_FIT", "EPOCH_FIT", "log_huber_objective", "compute_optimal",
 def _law(ns, seed, ctx):
     r = rng(seed, 90)
     N, D = 10 ** r.uniform(6, 12, 20), 10 ** r.uniform(8, 14, 20)
-    E, A, B, alpha, beta = r.uniform(1, 2), r.uniform(100, 900), r.uniform(100, 3000), r.uniform(.2, .5), r.uniform(.2, .5)
+    E, A, B = r.uniform(1, 2), r.uniform(100, 900), r.uniform(100, 3000)
+    alpha, beta = r.uniform(.2, .5), r.uniform(.2, .5)
     out = [float(v) for v in ns["my_chinchilla_loss"](N, D, E, A, B, alpha, beta)]
     return out + [float(ns["my_chinchilla_loss"](float(N[0]), float(D[0]), E, A, B, alpha, beta))]
 
