@@ -11,7 +11,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[tensorboard]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[tensorboard,site]'
 	touch $(STAMP)
 
 ## make run: execute every chapter notebook headlessly into build/ and print a table
@@ -38,8 +38,6 @@ grade: setup
 
 ## make site: the course as a static offline website in build/site/ (runs `make run` first if nothing is executed)
 site: setup
-	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('mathjax') is None)" || \
-		$(PY) -m pip install --quiet --disable-pip-version-check 'django-static-mathjax==3.2.2.1'
 	ls build/chapters/*/*.ipynb >/dev/null 2>&1 || $(MAKE) run
 	$(PY) -m pretrain_lib.site
 
