@@ -132,7 +132,7 @@ def full_run(config_path: Path) -> dict:
 
 def checkpoint_times(config_path: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="trainer-ckpt-") as tmp:
-        common = [f'out_dir="{tmp}/run"', "train.warmup_steps=1", "train.eval_batches=1", "train.sample_tokens=0",
+        common = [f'out_dir="{tmp}/run"', "train.warmup_steps=1", "train.log_every=1", "train.eval_batches=1", "train.sample_tokens=0",
                   "checkpoint.every=1", "checkpoint.keep=3"]
         first = run(config_path, overrides=["train.steps=3", *common], progress=False, verbose=False)
         size = max(p.stat().st_size for p in Path(tmp, "run").glob("ckpt_*.pt"))
@@ -154,12 +154,14 @@ def main() -> None:
     report = {"machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform()},
               "nanogpt_reference": {"ms_per_iter": NANOGPT_MS_PER_ITER, "val_loss_2000": NANOGPT_VAL_LOSS,
                                     "target_tokens_per_s": 12 * 64 / (NANOGPT_MS_PER_ITER / 1000)}}
-    report["throughput"] = measure_throughput(Path(args.config), args.steps, args.repeats, args.checkpoint_every)
-    tp = report["throughput"]
-    print(f"trainer {tp['trainer']['target_tokens_per_s']:,.0f} target tokens/s, engine "
-          f"{tp['engine']['target_tokens_per_s']:,.0f}, nanoGPT-style loop {tp['nanogpt_loop']['target_tokens_per_s']:,.0f} "
-          f"(nanoGPT measured: {report['nanogpt_reference']['target_tokens_per_s']:,.0f}); trainer overhead vs engine "
-          f"{tp['trainer_overhead_vs_engine_pct']:+.1f} %")
+    if args.steps > 0:  # --steps 0: only the other measurements
+        report["throughput"] = measure_throughput(Path(args.config), args.steps, args.repeats, args.checkpoint_every)
+        tp = report["throughput"]
+        print(f"trainer {tp['trainer']['target_tokens_per_s']:,.0f} target tokens/s, engine "
+              f"{tp['engine']['target_tokens_per_s']:,.0f}, nanoGPT-style loop "
+              f"{tp['nanogpt_loop']['target_tokens_per_s']:,.0f} "
+              f"(nanoGPT measured: {report['nanogpt_reference']['target_tokens_per_s']:,.0f}); trainer overhead vs "
+              f"engine {tp['trainer_overhead_vs_engine_pct']:+.1f} %")
     if args.checkpoint_times:
         report["checkpoint_gpt_bpe_small"] = checkpoint_times(REPO / "configs" / "gpt-bpe-small.toml")
         c = report["checkpoint_gpt_bpe_small"]

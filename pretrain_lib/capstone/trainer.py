@@ -298,9 +298,9 @@ def run(config: RunConfig | str | Path, *, resume: bool = False, overrides=(), p
 
     start_step, tokens_offset, restore_rng, monitor_state = 0, 0, None, None
     result = RunResult(out_dir=out_dir, config=config, start_step=0, steps=0, losses=[], data=data)
+    begin = time.perf_counter()
     found = ckpt.load_latest(out_dir, log=log) if resume else None
     if found is not None:
-        begin = time.perf_counter()
         path, saved = found
         diffs = exactness_differences(saved["config"], config.to_dict())
         if saved.get("world_size", 1) != info.world_size:
@@ -325,7 +325,8 @@ def run(config: RunConfig | str | Path, *, resume: bool = False, overrides=(), p
         load_full_state_dicts(model, optimizer, found[1]["model"], found[1]["optimizer"])
     elif found is not None:
         optimizer.load_state_dict(found[1]["optimizer"])
-        result.resume_seconds = time.perf_counter() - begin
+    if found is not None:
+        result.resume_seconds = time.perf_counter() - begin  # read + verify + load, up to the first step
 
     metrics_path = out_dir / "metrics.jsonl"
     if info.rank == 0 and start_step:
