@@ -281,6 +281,10 @@ def _failure_note(rec: dict) -> str:
         return "not run: the notebook's time limit was reached"
     if rec.get("kernel_died"):
         return "not run: the kernel had stopped"
+    errors = [o for o in rec.get("produced", []) if o.get("output_type") == "error"]
+    if errors:
+        what = f"{errors[0].get('ename')}: {errors[0].get('evalue')}".strip().splitlines()[0]
+        return f"the cell raised {what[:200]}"
     message = (rec.get("message") or "").strip()
     return message.splitlines()[0][:300] if message else "the cell raised an error"
 
