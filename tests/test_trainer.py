@@ -263,3 +263,19 @@ def test_the_command_line_reports_a_bad_config_without_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: unknown key train.stpes") and "Traceback" not in proc.stderr
+
+
+def test_a_folder_of_the_users_text_files_is_a_corpus(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly numbers".split()
+    for i in range(3):
+        (folder / f"doc{i}.txt").write_text(" ".join(words[(i + k) % len(words)] for k in range(120)) + "\n")
+    (folder / "notes.md").write_text("not a .txt file")
+    cfg = config_from_dict({"data": {"corpus": "folder", "folder": str(folder), "cache_dir": str(tmp_path / "cache"),
+                                     "val_fraction": 0.2}})
+    prepared = prepare_data(cfg.data, verbose=False)
+    assert prepared.meta["documents"] == 3
+    assert prepared.meta["tokens"] == sum(len((folder / f"doc{i}.txt").read_text()) for i in range(3)) + 3
+    (folder / "doc0.txt").write_text((folder / "doc0.txt").read_text() + "more words here\n")
+    assert data_fingerprint(cfg.data) != prepared.fingerprint, "an edited file must give a fresh cache"
