@@ -169,6 +169,8 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], objective: Obje
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     else:
         grad_norm = global_grad_norm(params)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2/DTensor: the norm is sharded; every rank joins this collective
+        grad_norm = grad_norm.full_tensor()
     if skip_nonfinite and scaler is None and not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(loss_sum / n_safe, grad_norm, n_total, skipped=True)
