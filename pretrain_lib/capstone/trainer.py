@@ -218,8 +218,15 @@ class Checkpointer:
         else:
             model_state = getattr(state.model, "module", state.model).state_dict()
             optim_state = state.optimizer.state_dict()
+        # Each rank reads its own slice and draws its own dropout masks: keep every rank's loader and RNG
+        # state, indexed by rank (one all-gather of small objects).
+        loaders, rngs = [self.loader.state_dict()], [rng_state()]
+        if self.dist.world_size > 1:
+            loaders, rngs = [None] * self.dist.world_size, [None] * self.dist.world_size
+            dist.all_gather_object(loaders, self.loader.state_dict())
+            dist.all_gather_object(rngs, rng_state())
         return {"step": state.step, "tokens_seen": state.tokens_seen, "model": model_state,
-                "optimizer": optim_state, "loader": self.loader.state_dict(), "rng": rng_state(),
+                "optimizer": optim_state, "loader": loaders, "rng": rngs,
                 "mlm_generator": None if self.mlm_generator is None else self.mlm_generator.get_state(),
                 "monitor": self.monitor.state_dict() if hasattr(self.monitor, "state_dict") else None,
                 "config": self.config.to_dict(), "world_size": self.dist.world_size}
@@ -270,8 +277,8 @@ def run(config: RunConfig | str | Path, *, resume: bool = False, overrides=(), p
     ``allow_config_change = true``. Returns a :class:`RunResult`.
     """
     config = _as_config(config, overrides)
-    log = print if verbose else (lambda *a, **k: None)
     info = init_distributed(config.parallel)
+    log = print if verbose and info.rank == 0 else (lambda *a, **k: None)
     out_dir = resolve_path(config.out_dir)
     seed_everything(config.seed)
     data = prepare_data(config.data, verbose=verbose and info.rank == 0) if info.rank == 0 else None
@@ -312,8 +319,8 @@ def run(config: RunConfig | str | Path, *, resume: bool = False, overrides=(), p
                 "\nrestore them, or pass --set allow_config_change=true to resume anyway")
         model.load_state_dict(saved["model"])
         start_step, tokens_offset = int(saved["step"]), int(saved["tokens_seen"])
-        loader.load_state_dict(saved["loader"])
-        restore_rng, monitor_state = saved["rng"], saved.get("monitor")
+        loader.load_state_dict(saved["loader"][info.rank])
+        restore_rng, monitor_state = saved["rng"][info.rank], saved.get("monitor")
         if mlm_generator is not None and saved.get("mlm_generator") is not None:
             mlm_generator.set_state(saved["mlm_generator"])
         result.start_step = start_step
@@ -338,7 +345,7 @@ def run(config: RunConfig | str | Path, *, resume: bool = False, overrides=(), p
                       and _has_tensorboard() else None, seq_len=config.model.seq_len + 1, warmup_steps=t.warmup_steps)
     if monitor_state is not None:
         monitor.load_state_dict(monitor_state)
-    evaluator = Evaluator(config, data, result, listeners=[monitor], log=log if info.rank == 0 else lambda *_: None)
+    evaluator = Evaluator(config, data, result, listeners=[monitor], log=log)
     checkpointer = Checkpointer(config, out_dir, loader, monitor, mlm_generator, result, info)
     remaining = t.steps - start_step
     if remaining <= 0:
