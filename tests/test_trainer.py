@@ -279,3 +279,32 @@ def test_a_folder_of_the_users_text_files_is_a_corpus(tmp_path):
     assert prepared.meta["tokens"] == sum(len((folder / f"doc{i}.txt").read_text()) for i in range(3)) + 3
     (folder / "doc0.txt").write_text((folder / "doc0.txt").read_text() + "more words here\n")
     assert data_fingerprint(cfg.data) != prepared.fingerprint, "an edited file must give a fresh cache"
+
+
+@pytest.mark.xdist_group("torchrun")   # never two 2-rank jobs on 2 cores at once
+def test_ddp_on_two_ranks_resumes_and_equals_one_process(tmp_path, cache_dir):
+    from pretrain_lib.distributed.launch import run_torchrun
+
+    def sets(table):
+        flat = [f"{k}={json.dumps(v)}" for k, v in table.items() if not isinstance(v, dict)]
+        flat += [f"{s}.{k}={json.dumps(v)}" for s, vals in table.items() if isinstance(vals, dict)
+                 for k, v in vals.items()]
+        return [x for item in flat for x in ("--set", item)]
+
+    base = tiny(tmp_path / "unused", cache_dir, steps=12)
+    base["model"]["dropout"] = 0.0      # ranks draw their own dropout masks; one process draws one set
+    config = REPO / "configs" / "gpt-char-tiny.toml"
+    single = subprocess.run([sys.executable, "-m", "pretrain_lib.train", "--config", str(config), *sets(base),
+                             "--out", str(tmp_path / "single")], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert single.returncode == 0, single.stderr
+    ddp = {**base, "parallel": "ddp", "train": {**base["train"], "batch_size": 2, "steps": 8}}
+    run_torchrun("pretrain_lib.train", args=["--config", str(config), *sets(ddp)], run_dir=tmp_path / "ddp",
+                 stream=False, timeout_s=300)
+    ddp["train"]["steps"] = 12
+    resumed = run_torchrun("pretrain_lib.train", args=["--config", str(config), *sets(ddp), "--resume"],
+                           run_dir=tmp_path / "ddp", stream=False, timeout_s=300)
+    assert resumed.metrics["start_step"] == 8
+    one, two = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
+    assert sorted(two) == list(range(1, 13))
+    assert max(abs(one[s] - two[s]) for s in one) <= 1e-5
