@@ -13,7 +13,10 @@ import runpy
 import torch
 import torch.distributed as dist
 
-from ..distributed.common import base_parser, run_main, setup, teardown, write_metrics
+from ..distributed.arguments import base_parser
+from ..distributed.errors import run_main
+from ..distributed.metrics import write_metrics
+from ..distributed.process_group import setup, teardown
 
 
 def _model(seed: int) -> torch.nn.Module:
