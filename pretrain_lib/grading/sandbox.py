@@ -23,6 +23,7 @@ import resource
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -235,16 +236,27 @@ def remove_scratch(scratch: Scratch) -> None:
 
 def bwrap_command(cmd: list[str], scratch: Scratch, *, hide: list[Path], workdir: Path) -> list[str]:
     """``cmd`` wrapped in bubblewrap: read-only root, ``hide`` emptied, ``scratch`` as /tmp."""
-    args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/dev/shm"]
+    args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/dev/shm",
+            "--bind", str(scratch.root), "/tmp"]
     tmp_host = Path(tempfile.gettempdir()).resolve()
+    # The scratch hides the host's temp folder. A course checked out under it (a CI clone in
+    # /tmp, say) and its Python must stay visible, read-only: mount them again on top.
+    kept = []
+    for path in (REPO_ROOT, Path(sys.prefix), Path(sys.base_prefix)):
+        path = path.resolve()
+        if path.is_relative_to(tmp_host) and not any(path.is_relative_to(k) for k in kept):
+            kept.append(path)
+            args += ["--ro-bind", str(path), str(path)]
     seen = set()
     for path in hide:
         path = Path(path).resolve()
-        if not path.exists() or path in seen or path.is_relative_to(tmp_host) or path == Path("/"):
-            continue  # everything under the host's temp folder is replaced by the scratch anyway
+        if not path.exists() or path in seen or path == Path("/"):
+            continue
+        if path.is_relative_to(tmp_host) and not any(path.is_relative_to(k) for k in kept):
+            continue  # under the host's temp folder and not mounted again: the scratch replaces it anyway
         seen.add(path)
         args += ["--tmpfs", str(path)] if path.is_dir() else ["--ro-bind", "/dev/null", str(path)]
-    args += ["--bind", str(scratch.root), "/tmp", *_SANDBOX_FLAGS, "--chdir", str(workdir), "--"]
+    args += [*_SANDBOX_FLAGS, "--chdir", str(workdir), "--"]
     return args + cmd
 
 
