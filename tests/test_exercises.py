@@ -26,7 +26,12 @@ def _comparable(nb):
     """What must match between a committed exercise and a fresh build: sources, tags, check outputs."""
     cells = []
     for c in nb.cells:
-        outputs = [o.get("text", "") for o in c.get("outputs", []) if o.get("output_type") == "stream"]
+        # the kernel may split one print's lines over several stream messages: compare the joined text
+        streams: dict[str, str] = {}
+        for o in c.get("outputs", []):
+            if o.get("output_type") == "stream":
+                streams[o.get("name", "stdout")] = streams.get(o.get("name", "stdout"), "") + o.get("text", "")
+        outputs = sorted(streams.items())
         cells.append((c.id, c.cell_type, c.source, c.metadata.get("tags", []), c.metadata.get("points"), outputs))
     return cells
 
