@@ -50,6 +50,9 @@ class Stage(nn.Module):
     def __init__(self, model: GPT, stage: int, n_stages: int):
         super().__init__()
         bb = model.backbone
+        if getattr(model.config, "position", "learned") != "learned":
+            raise ValueError(f"pipeline stages are cut from a GPT with learned positions; this model uses "
+                             f"position={model.config.position!r}: build it with ModelConfig(position='learned')")
         self.first, self.last = stage == 0, stage == n_stages - 1
         self.tied_shape, self.tied_dtype = bb.tok_emb.weight.shape, bb.tok_emb.weight.dtype
         if self.first:
