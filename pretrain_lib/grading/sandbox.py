@@ -238,8 +238,8 @@ def bwrap_command(cmd: list[str], scratch: Scratch, *, hide: list[Path], workdir
     """``cmd`` wrapped in bubblewrap: read-only root, ``hide`` emptied, ``scratch`` as /tmp."""
     args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/dev/shm",
             "--bind", str(scratch.root), "/tmp"]
-    tmp_host = Path(tempfile.gettempdir()).resolve()
-    # The scratch hides the host's temp folder. A course checked out under it (a CI clone in
+    tmp_host = Path("/tmp").resolve()  # what the scratch mount hides, wherever tempfile points
+    # The scratch hides the host's /tmp. A course checked out under it (a CI clone in
     # /tmp, say) and its Python must stay visible, read-only: mount them again on top.
     kept = []
     for path in (REPO_ROOT, Path(sys.prefix), Path(sys.base_prefix)):
