@@ -29,7 +29,7 @@ import torch
 
 MAGIC = b"PLCKPT1\n"                 # file = MAGIC + 64 hex digits of sha256(payload) + b"\n" + payload
 POINTER = "latest"
-_NAME = re.compile(r"^ckpt_(\d{8})\.pt$")
+_NAME = re.compile(r"^ckpt_(\d{8})\.(pt|dcp)$")   # .dcp: a sharded checkpoint's folder (sharded.py)
 
 
 class CheckpointError(RuntimeError):
@@ -94,7 +94,7 @@ def decode_checkpoint(data: bytes, name: str = "checkpoint") -> dict[str, Any]:
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every checkpoint file in ``folder``, oldest first."""
+    """``(step, path)`` of every checkpoint in ``folder`` (files, and sharded folders), oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -110,14 +110,27 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], *, kee
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = atomic_write_bytes(folder / checkpoint_name(step), encode_checkpoint(state))
-    atomic_write_bytes(folder / POINTER, path.name.encode() + b"\n")
-    for _, old in list_checkpoints(folder)[:-keep]:
-        old.unlink(missing_ok=True)
+    point_and_prune(folder, path, keep=keep)
     return path
 
 
+def point_and_prune(folder: Path, newest: Path, *, keep: int) -> None:
+    """Point ``latest`` at ``newest`` (already safe on disk), then delete all but the last ``keep``."""
+    atomic_write_bytes(folder / POINTER, newest.name.encode() + b"\n")
+    for _, old in list_checkpoints(folder)[:-keep]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's state; for a sharded folder, its small state with ``sharded`` = the folder
+    (the shards are read into an FSDP model by :func:`sharded.load_sharded`)."""
     path = Path(path)
+    if path.is_dir():
+        from .sharded import read_sharded_extra
+        return read_sharded_extra(path)
     return decode_checkpoint(path.read_bytes(), path.name)
 
 

@@ -55,14 +55,9 @@ def wrap_model(model: nn.Module, parallel: str, info: DistInfo) -> nn.Module:
     return apply_fsdp(model, mesh)
 
 
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Unsharded model and optimiser state dicts (every rank calls it; a collective under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
                           optim_state: dict) -> None:
+    """Load an unsharded checkpoint (one process's or DDP's) into a model FSDP has sharded."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=StateDictOptions(full_state_dict=True))

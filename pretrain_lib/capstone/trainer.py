@@ -38,7 +38,8 @@ from .config import RunConfig, exactness_differences, load_config
 from .data import PreparedData, prepare_data, train_loader, validation_batches
 from .data import _resolve as resolve_path
 from .evaluate import fill_mask, gpt_sample, mlm_eval_objective, perplexity, validation_loss
-from .parallel import full_state_dicts, init_distributed, load_full_state_dicts, wrap_model
+from .parallel import init_distributed, load_full_state_dicts, wrap_model
+from .sharded import load_sharded, save_sharded
 
 
 @dataclass
@@ -212,12 +213,9 @@ class Checkpointer:
         self.config, self.out_dir, self.loader, self.monitor = config, out_dir, loader, monitor
         self.mlm_generator, self.result, self.dist = mlm_generator, result, dist_info
 
-    def state(self, state) -> dict:
-        if self.config.parallel == "fsdp":  # gather the shards into full tensors (a collective: every rank calls it)
-            model_state, optim_state = full_state_dicts(state.model, state.optimizer)
-        else:
-            model_state = getattr(state.model, "module", state.model).state_dict()
-            optim_state = state.optimizer.state_dict()
+    def state(self, state, *, weights: bool = True) -> dict:
+        """What a resume needs; ``weights=False`` leaves out the model and optimiser (a sharded
+        checkpoint writes them as shards)."""
         # Each rank reads its own slice and draws its own dropout masks: keep every rank's loader and RNG
         # state, indexed by rank (one all-gather of small objects).
         loaders, rngs = [self.loader.state_dict()], [rng_state()]
@@ -225,20 +223,29 @@ class Checkpointer:
             loaders, rngs = [None] * self.dist.world_size, [None] * self.dist.world_size
             dist.all_gather_object(loaders, self.loader.state_dict())
             dist.all_gather_object(rngs, rng_state())
-        return {"step": state.step, "tokens_seen": state.tokens_seen, "model": model_state,
-                "optimizer": optim_state, "loader": loaders, "rng": rngs,
-                "mlm_generator": None if self.mlm_generator is None else self.mlm_generator.get_state(),
-                "monitor": self.monitor.state_dict() if hasattr(self.monitor, "state_dict") else None,
-                "config": self.config.to_dict(), "world_size": self.dist.world_size}
+        payload = {"step": state.step, "tokens_seen": state.tokens_seen, "loader": loaders, "rng": rngs,
+                   "mlm_generator": None if self.mlm_generator is None else self.mlm_generator.get_state(),
+                   "monitor": self.monitor.state_dict() if hasattr(self.monitor, "state_dict") else None,
+                   "config": self.config.to_dict(), "world_size": self.dist.world_size}
+        if weights:  # every rank holds the same replicated state under DDP
+            payload["model"] = getattr(state.model, "module", state.model).state_dict()
+            payload["optimizer"] = state.optimizer.state_dict()
+        return payload
 
     def on_step(self, state) -> None:
         c = self.config
         if state.step % c.checkpoint.every and state.step != c.train.steps:
             return
         start = time.perf_counter()
-        payload = self.state(state)  # every rank holds the same replicated state under DDP
-        if self.dist.rank == 0:
-            ckpt.save_checkpoint(self.out_dir, state.step, payload, keep=c.checkpoint.keep)
+        if c.parallel == "fsdp":  # every rank writes its own shards: nothing is gathered
+            path = save_sharded(self.out_dir, state.step, state.model, state.optimizer,
+                                self.state(state, weights=False), rank=self.dist.rank)
+            if self.dist.rank == 0:
+                ckpt.point_and_prune(self.out_dir, path, keep=c.checkpoint.keep)
+        else:
+            payload = self.state(state)
+            if self.dist.rank == 0:
+                ckpt.save_checkpoint(self.out_dir, state.step, payload, keep=c.checkpoint.keep)
         self.result.checkpoint_seconds.append(time.perf_counter() - start)
         if self.dist.world_size > 1:
             dist.barrier()
@@ -317,7 +324,8 @@ def run(config: RunConfig | str | Path, *, resume: bool = False, overrides=(), p
                 f"refusing to resume from {path}: these settings differ from the checkpoint's and would make the run "
                 "differ from an uninterrupted one:\n  " + "\n  ".join(diffs) +
                 "\nrestore them, or pass --set allow_config_change=true to resume anyway")
-        model.load_state_dict(saved["model"])
+        if "sharded" not in saved:  # a sharded checkpoint is read into the wrapped model below
+            model.load_state_dict(saved["model"])
         start_step, tokens_offset = int(saved["step"]), int(saved["tokens_seen"])
         loader.load_state_dict(saved["loader"][info.rank])
         restore_rng, monitor_state = saved["rng"][info.rank], saved.get("monitor")
@@ -328,7 +336,12 @@ def run(config: RunConfig | str | Path, *, resume: bool = False, overrides=(), p
                                                                   if diffs else ""))
     model = wrap_model(model.to(device), config.parallel, info)
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), **kwargs)
-    if found is not None and config.parallel == "fsdp":
+    if found is not None and "sharded" in found[1]:
+        if config.parallel != "fsdp":
+            raise ckpt.CheckpointError(f"{found[0]} holds FSDP shards; resume it with --set parallel=fsdp, or load its "
+                                       "weights into one process with capstone.sharded.load_sharded_model")
+        load_sharded(found[1]["sharded"], model, optimizer)
+    elif found is not None and config.parallel == "fsdp":
         load_full_state_dicts(model, optimizer, found[1]["model"], found[1]["optimizer"])
     elif found is not None:
         optimizer.load_state_dict(found[1]["optimizer"])
