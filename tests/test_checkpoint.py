@@ -106,3 +106,27 @@ def test_a_read_only_mount_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt.tempfile, "mkstemp", read_only)
     with pytest.raises(ckpt.CheckpointError, match="not writable.*Read-only file system"):
         ckpt.check_output_dir(tmp_path, need_bytes=1)
+
+
+def test_a_background_write_saves_the_state_as_it_was_when_submitted(tmp_path):
+    weights = torch.arange(6.0)
+    writer = ckpt.BackgroundWriter()
+    writer.submit(tmp_path, 3, {"step": 3, "model": {"w": weights}, "rng": (1, weights)}, keep=2)
+    weights.add_(100.0)   # training goes on changing the tensors in place
+    writer.wait()
+    path, state = ckpt.load_latest(tmp_path)
+    assert path.name == "ckpt_00000003.pt" and state["step"] == 3
+    assert torch.equal(state["model"]["w"], torch.arange(6.0)) and torch.equal(state["rng"][1], torch.arange(6.0))
+    assert len(writer.write_seconds) == 1
+
+
+def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    writer = ckpt.BackgroundWriter()
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", full_disk)
+    writer.submit(tmp_path, 1, {"step": 1})
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device"):
+        writer.wait()
+    writer.wait()   # reported once; the writer is usable again

@@ -22,6 +22,8 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,59 @@ def point_and_prune(folder: Path, newest: Path, *, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of ``state`` whose tensors are fresh CPU copies, so training may go on changing the originals."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(snapshot(v) for v in state)
+    return state
+
+
+class BackgroundWriter:
+    """Writes checkpoints on a background thread, so training waits only for a copy of the state.
+
+    Serialising, hashing, writing and ``fsync``-ing take longer than copying a few tensors; here
+    the training loop pays only for :func:`snapshot` and the rest overlaps with the next steps.
+    One write is in flight at a time (the next :meth:`submit` waits for it), and :meth:`wait`
+    must be called before the process relies on the checkpoint (the trainer does at the end of a
+    run). A write that failed raises its error at the next :meth:`submit` or :meth:`wait`.
+    Killing the process mid-write is safe for the same reason as with :func:`save_checkpoint`:
+    the previous checkpoint stays the latest until the new one is renamed into place.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.write_seconds: list[float] = []   # wall-clock of each write, measured on the thread
+
+    def submit(self, folder: str | Path, step: int, state: dict[str, Any], *, keep: int = 2) -> None:
+        self.wait()
+        copy = snapshot(state)
+
+        def write() -> None:
+            start = time.perf_counter()
+            try:
+                save_checkpoint(folder, step, copy, keep=keep)
+            except BaseException as exc:  # re-raised in the training thread
+                self._error = exc
+            self.write_seconds.append(time.perf_counter() - start)
+
+        # not a daemon: a normal interpreter exit waits for the write to finish
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{step}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"writing a checkpoint failed: {error}") from error
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -54,7 +54,8 @@ class RunResult:
     samples: list[str] = field(default_factory=list)
     seconds: float = 0.0
     tokens_per_second: float = 0.0
-    checkpoint_seconds: list[float] = field(default_factory=list)   # wall-clock of each checkpoint write
+    checkpoint_seconds: list[float] = field(default_factory=list)   # training time each checkpoint cost
+    checkpoint_write_seconds: list[float] = field(default_factory=list)  # each write, on its background thread
     resume_seconds: float = 0.0                                     # loading the checkpoint, when resuming
     model: torch.nn.Module | None = None
     data: PreparedData | None = None
@@ -212,6 +213,7 @@ class Checkpointer:
     def __init__(self, config: RunConfig, out_dir: Path, loader, monitor, mlm_generator, result: RunResult, dist_info):
         self.config, self.out_dir, self.loader, self.monitor = config, out_dir, loader, monitor
         self.mlm_generator, self.result, self.dist = mlm_generator, result, dist_info
+        self.writer = ckpt.BackgroundWriter()
 
     def state(self, state, *, weights: bool = True) -> dict:
         """What a resume needs; ``weights=False`` leaves out the model and optimiser (a sharded
@@ -244,11 +246,15 @@ class Checkpointer:
                 ckpt.point_and_prune(self.out_dir, path, keep=c.checkpoint.keep)
         else:
             payload = self.state(state)
-            if self.dist.rank == 0:
-                ckpt.save_checkpoint(self.out_dir, state.step, payload, keep=c.checkpoint.keep)
+            if self.dist.rank == 0:  # training waits for a copy of the state; the write overlaps the next steps
+                self.writer.submit(self.out_dir, state.step, payload, keep=c.checkpoint.keep)
         self.result.checkpoint_seconds.append(time.perf_counter() - start)
         if self.dist.world_size > 1:
             dist.barrier()
+
+    def on_end(self, state) -> None:
+        self.writer.wait()   # the run's last checkpoint is on disk when run() returns
+        self.result.checkpoint_write_seconds = list(self.writer.write_seconds)
 
 
 def _has_tensorboard() -> bool:
