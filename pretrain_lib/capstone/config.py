@@ -34,8 +34,9 @@ class ModelSection:
     d_ff: int = 0                     # 0: 4 * d_model
     seq_len: int = 64                 # context: tokens the model predicts from per window
     dropout: float = 0.0
+    position: str = "learned"         # "learned" (a table of positions) | "rope" (rotary: relative, no table)
 
-    CHOICES = {"kind": ("gpt", "bert")}
+    CHOICES = {"kind": ("gpt", "bert"), "position": ("learned", "rope")}
 
     def check(self) -> None:
         _positive(self, "n_layers", "n_heads", "d_model", "seq_len")

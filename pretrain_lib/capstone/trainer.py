@@ -67,7 +67,7 @@ def build_model(config: RunConfig, vocab_size: int) -> torch.nn.Module:
     m = config.model
     mc = ModelConfig(vocab_size=vocab_size, d_model=m.d_model, n_heads=m.n_heads, n_layers=m.n_layers,
                      d_ff=m.d_ff or None, max_seq_len=m.seq_len + 1,  # a window is seq_len inputs + 1 target
-                     dropout=m.dropout, causal=m.kind == "gpt")
+                     dropout=m.dropout, causal=m.kind == "gpt", position=m.position)
     return GPT(mc) if m.kind == "gpt" else MaskedLM(mc)
 
 
