@@ -9,6 +9,8 @@ function that raises costs its own check only.
 from __future__ import annotations
 
 import runpy
+from functools import partial
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -50,27 +52,42 @@ def _check_gpipe(fn, args, ctx) -> bool:
     return all([tuple(s) for s in fn(m)] == gpipe_order(m, ctx.rank, ctx.world_size) for m in (1, 3, 4))
 
 
+def run_on_every_rank(solution: str, probes: dict[str, Callable[[Callable], Any]], world_size: int) -> dict:
+    """Load a student's file and call each probe with the student's function of the same name, on
+    this rank; returns ``{name: [per-rank {"value": ...} or {"error": "..."}]}`` (a collective:
+    every rank calls it). A missing, unfinished or crashing function costs its own probe only.
+    The hidden probes of the grader (``grading.rank_probe``) run through the same function."""
+    ns = runpy.run_path(solution)
+    out = {}
+    for name, probe in probes.items():
+        try:
+            if name not in ns:
+                raise NameError(f"{name} is not defined")
+            value = {"value": probe(ns[name])}
+        except NotImplementedError:
+            value = {"error": "not implemented yet"}
+        except Exception as exc:  # the student's bug costs this probe only
+            value = {"error": f"{type(exc).__name__}: {str(exc)[:150]}"}
+        per_rank = [None] * world_size
+        dist.all_gather_object(per_rank, value)
+        out[name] = per_rank
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("Run a student's Chapter 3 functions on every rank.")
     parser.add_argument("--solution", required=True)
     args = parser.parse_args(argv)
     ctx = setup(args.init_timeout)
-    ns = runpy.run_path(args.solution)
     checks = {"average_gradients": _check_average_gradients, "column_parallel_forward": _check_column_parallel,
               "gpipe_micro_steps": _check_gpipe}
+    per_rank = run_on_every_rank(args.solution, {name: partial(check, args=args, ctx=ctx)
+                                                 for name, check in checks.items()}, ctx.world_size)
     results = {}
-    for name, check in checks.items():
-        try:
-            if name not in ns:
-                raise NameError(f"{name} is not defined")
-            ok, error = bool(check(ns[name], args, ctx)), ""
-        except NotImplementedError:
-            ok, error = False, "not implemented yet"
-        except Exception as exc:  # the student's bug costs this check only
-            ok, error = False, type(exc).__name__
-        flags = [None] * ctx.world_size
-        dist.all_gather_object(flags, ok)  # a check passes only if it passed on every rank
-        results[name] = {"ok": all(flags), "error": error}
+    for name, values in per_rank.items():  # a check passes only if it passed on every rank
+        errors = [v["error"] for v in values if "error" in v]
+        results[name] = {"ok": not errors and all(bool(v["value"]) for v in values),
+                         "error": errors[0] if errors else ""}
     if ctx.is_main:
         write_metrics(args.out, {"strategy": "exercise", "results": results})
     teardown()

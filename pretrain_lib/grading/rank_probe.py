@@ -8,13 +8,13 @@ never a verdict: the grading process compares them with the same values from the
 """
 from __future__ import annotations
 
-import runpy
+from functools import partial
 
 import torch
-import torch.distributed as dist
 
 from ..distributed.arguments import base_parser
 from ..distributed.errors import run_main
+from ..distributed.exercise_check import run_on_every_rank
 from ..distributed.metrics import write_metrics
 from ..distributed.process_group import setup, teardown
 
@@ -53,21 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--solution", required=True)
     args = parser.parse_args(argv)
     ctx = setup(args.init_timeout)
-    ns = runpy.run_path(args.solution)
     probes = {"average_gradients": _average, "column_parallel_forward": _column, "gpipe_micro_steps": _gpipe}
-    values = {}
-    for name, probe in probes.items():
-        try:
-            if name not in ns:
-                raise NameError(f"{name} is not defined")
-            value = {"value": probe(ns[name], args.seed, ctx)}
-        except NotImplementedError:
-            value = {"error": "not implemented yet"}
-        except Exception as exc:  # the student's bug costs this probe only
-            value = {"error": f"{type(exc).__name__}: {str(exc)[:150]}"}
-        per_rank = [None] * ctx.world_size
-        dist.all_gather_object(per_rank, value)
-        values[name] = per_rank
+    values = run_on_every_rank(args.solution, {name: partial(probe, seed=args.seed, ctx=ctx)
+                                               for name, probe in probes.items()}, ctx.world_size)
     if ctx.is_main:
         write_metrics(args.out, {"strategy": "exercise-probe", "values": values})
     teardown()
