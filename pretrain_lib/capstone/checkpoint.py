@@ -132,6 +132,8 @@ def snapshot(state: Any) -> Any:
         return state.detach().to("cpu", copy=True)
     if isinstance(state, dict):
         return {k: snapshot(v) for k, v in state.items()}
+    if isinstance(state, tuple) and hasattr(state, "_fields"):  # a namedtuple takes its fields as arguments
+        return type(state)(*(snapshot(v) for v in state))
     if isinstance(state, (list, tuple)):
         return type(state)(snapshot(v) for v in state)
     return state
