@@ -283,27 +283,17 @@ def test_a_folder_of_the_users_text_files_is_a_corpus(tmp_path):
 
 @pytest.mark.xdist_group("torchrun")   # never two 2-rank jobs on 2 cores at once
 def test_ddp_on_two_ranks_resumes_and_equals_one_process(tmp_path, cache_dir):
-    from pretrain_lib.distributed.launch import run_torchrun
-
-    def sets(table):
-        flat = [f"{k}={json.dumps(v)}" for k, v in table.items() if not isinstance(v, dict)]
-        flat += [f"{s}.{k}={json.dumps(v)}" for s, vals in table.items() if isinstance(vals, dict)
-                 for k, v in vals.items()]
-        return [x for item in flat for x in ("--set", item)]
-
     base = tiny(tmp_path / "unused", cache_dir, steps=12)
     base["model"]["dropout"] = 0.0      # ranks draw their own dropout masks; one process draws one set
     config = REPO / "configs" / "gpt-char-tiny.toml"
-    single = subprocess.run([sys.executable, "-m", "pretrain_lib.train", "--config", str(config), *sets(base),
+    single = subprocess.run([sys.executable, "-m", "pretrain_lib.train", "--config", str(config), *_sets(base),
                              "--out", str(tmp_path / "single")], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert single.returncode == 0, single.stderr
     ddp = {**base, "parallel": "ddp", "train": {**base["train"], "batch_size": 2, "steps": 8}}
-    run_torchrun("pretrain_lib.train", args=["--config", str(config), *sets(ddp)], run_dir=tmp_path / "ddp",
-                 stream=False, timeout_s=300)
+    _train_on_two_ranks(config, ddp, tmp_path / "ddp")
     ddp["train"]["steps"] = 12
-    resumed = run_torchrun("pretrain_lib.train", args=["--config", str(config), *sets(ddp), "--resume"],
-                           run_dir=tmp_path / "ddp", stream=False, timeout_s=300)
+    resumed = _train_on_two_ranks(config, ddp, tmp_path / "ddp", resume=True)
     assert resumed.metrics["start_step"] == 8
     one, two = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert sorted(two) == list(range(1, 13))
@@ -314,7 +304,6 @@ def test_ddp_on_two_ranks_resumes_and_equals_one_process(tmp_path, cache_dir):
 def test_fsdp_writes_sharded_checkpoints_and_resumes_bit_identically(tmp_path, cache_dir, capsys):
     from pretrain_lib.capstone import sharded
     from pretrain_lib.capstone.trainer import build_model
-    from pretrain_lib.distributed.launch import run_torchrun
 
     base = tiny(tmp_path / "single", cache_dir, steps=12)
     base["model"]["dropout"] = 0.0
@@ -322,15 +311,11 @@ def test_fsdp_writes_sharded_checkpoints_and_resumes_bit_identically(tmp_path, c
     single = run(config, overrides=[f"{k}={json.dumps(v)}" for k, v in _flatten(base).items()], progress=False,
                  verbose=False)
     fsdp = {**base, "parallel": "fsdp", "train": {**base["train"], "batch_size": 2}}
-    sets = lambda table: [x for k, v in _flatten(table).items() for x in ("--set", f"{k}={json.dumps(v)}")]
-    run_torchrun("pretrain_lib.train", args=["--config", str(config), *sets(fsdp)], run_dir=tmp_path / "whole",
-                 stream=False, timeout_s=300)
+    _train_on_two_ranks(config, fsdp, tmp_path / "whole")
     fsdp["train"]["steps"] = 8
-    run_torchrun("pretrain_lib.train", args=["--config", str(config), *sets(fsdp)], run_dir=tmp_path / "cut",
-                 stream=False, timeout_s=300)
+    _train_on_two_ranks(config, fsdp, tmp_path / "cut")
     fsdp["train"]["steps"] = 12
-    resumed = run_torchrun("pretrain_lib.train", args=["--config", str(config), *sets(fsdp), "--resume"],
-                           run_dir=tmp_path / "cut", stream=False, timeout_s=300)
+    resumed = _train_on_two_ranks(config, fsdp, tmp_path / "cut", resume=True)
     assert resumed.metrics["start_step"] == 8
     whole, cut = _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
     assert sorted(cut) == list(range(1, 13)) and all(whole[s] == cut[s] for s in whole), "resume must be exact"
@@ -353,6 +338,16 @@ def test_fsdp_writes_sharded_checkpoints_and_resumes_bit_identically(tmp_path, c
     path, state = ckpt.load_latest(tmp_path / "whole", log=messages.append)
     assert path.name == "ckpt_00000008.dcp" and state["step"] == 8
     assert "__1_0.distcp does not match its checksum" in messages[0]
+
+
+def _sets(table: dict) -> list[str]:
+    return [x for k, v in _flatten(table).items() for x in ("--set", f"{k}={json.dumps(v)}")]
+
+
+def _train_on_two_ranks(config, table: dict, run_dir, *, resume: bool = False):
+    from pretrain_lib.distributed.launch import run_torchrun
+    args = ["--config", str(config), *_sets(table), *(["--resume"] if resume else [])]
+    return run_torchrun("pretrain_lib.train", args=args, run_dir=run_dir, stream=False, timeout_s=300)
 
 
 def _flatten(table: dict) -> dict:
