@@ -138,4 +138,4 @@ class Claims:
         print(f"this notebook ran in {time.perf_counter() - self.start:.0f} s")
         if self.skipped:
             print(f"skipped at these test sizes (they need the default budget): {', '.join(self.skipped)}")
-        print(f"all checks passed ({len(self.passed)} claims)")
+        print("all checks passed" + (f" ({len(self.passed)} named claims)" if self.passed else ""))

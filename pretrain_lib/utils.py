@@ -71,10 +71,18 @@ def figure_dir() -> Path:
     return path
 
 
-def save_figure(fig, name: str) -> Path:
+class FigureFile(type(Path())):
+    """A saved figure's path. A notebook cell that ends with ``save_figure(...)`` displays this
+    object, so its repr names the file only, never the machine's folders."""
+
+    def __repr__(self) -> str:
+        return f"<figure {self.name}>"
+
+
+def save_figure(fig, name: str) -> FigureFile:
     """Write ``fig`` as ``<figure_dir>/<name>.png`` and return the path; the notebook still shows it."""
     if not name or "/" in name or "\\" in name:
         raise ValueError(f"figure name must be a plain file stem, got {name!r}")
-    path = figure_dir() / f"{name}.png"
+    path = FigureFile(figure_dir() / f"{name}.png")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path

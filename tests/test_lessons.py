@@ -61,7 +61,7 @@ def test_claims_pass_fail_and_skip_by_name(capsys):
     claims.finish()
     out = capsys.readouterr().out
     assert "skipped at these test sizes" in out and "needs_budget" in out
-    assert "all checks passed (1 claims)" in out
+    assert "all checks passed (1 named claims)" in out
 
 
 def test_a_skip_that_names_no_claim_is_an_error():
@@ -119,3 +119,17 @@ def test_every_notebook_checks_its_claims_and_closes_with_the_verdict(notebook):
             "its parameters")
     code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     assert any("claims.finish()" in src for src in code[-2:]), "the closing cells call claims.finish()"
+
+
+def test_a_saved_figure_displays_its_file_name_not_the_machine_folders(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pretrain_lib.utils import save_figure
+    monkeypatch.setenv("COURSE_FIGURE_DIR", str(tmp_path))
+    fig, _ = plt.subplots()
+    path = save_figure(fig, "loss_curve")
+    plt.close(fig)
+    assert repr(path) == "<figure loss_curve.png>" and str(tmp_path) not in repr(path)
+    assert path == tmp_path / "loss_curve.png" and path.stat().st_size > 0
