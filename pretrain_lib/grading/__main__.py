@@ -97,8 +97,8 @@ def _check(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     path = args.notebook
-    if not path.is_file():
-        print(f"error: {path} is not a file", file=sys.stderr)
+    if path.is_symlink() or not path.is_file():
+        print(f"error: {path} is not a notebook file (a link or a folder is not graded)", file=sys.stderr)
         return 2
     name = args.exercise or (path.stem if path.stem in exercises else None)
     if name is None:
@@ -116,7 +116,7 @@ def _check(args) -> int:
 
 
 def _grade(args) -> int:
-    from .gradebook import grade_class
+    from .gradebook import grade_class, printable
     _status(args, args.jobs)
     try:
         report = grade_class(args.submissions, args.out, exercises_dir=args.exercises, jobs=args.jobs,
@@ -127,17 +127,25 @@ def _grade(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{report.rows_written} rows written, {report.skipped} kept from an earlier run, "
-          f"{report.seconds:.1f} s; gradebook: {args.out / 'gradebook.csv'}")
+          f"{report.seconds:.1f} s; gradebook: {args.out / 'gradebook.csv'}, totals per student: "
+          f"{args.out / 'totals.csv'}")
+    for exercise, count, students in report.extra:
+        print(f"extra: {exercise} was submitted by {count} of {students} students; the others get no 'missing' row "
+              f"for it (pass --only {exercise} to list them)", file=sys.stderr)
     for student, exercise in report.missing:
-        print(f"missing: {student}/{exercise}", file=sys.stderr)
+        print(f"missing: {printable(student)}/{exercise}", file=sys.stderr)
+    for student, why in report.odd_entries:
+        print(f"not graded: {printable(student)}/{printable(why)}", file=sys.stderr)
     for student, exercise in report.review:
-        print(f"review: {student}/{exercise} (an answer uses a forbidden shortcut; see the REVIEW notes in its "
-              "feedback)", file=sys.stderr)
+        print(f"review: {printable(student)}/{exercise} (an answer uses a forbidden shortcut; see the REVIEW notes "
+              "in its feedback)", file=sys.stderr)
+    for student, exercise, what in report.same:     # information, not a failure: stdout
+        print(f"same answers: {printable(student)}/{exercise} = {printable(what)}")
     if report.not_graded:
         print(f"{len(report.not_graded)} submission(s) could not be graded (see their feedback files):",
               file=sys.stderr)
         for student, exercise, status in report.not_graded:
-            print(f"  {student}/{exercise}: {status}", file=sys.stderr)
+            print(f"  {printable(student)}/{exercise}: {status}", file=sys.stderr)
         return 1
     return 0
 

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -34,6 +35,7 @@ from .sandbox import default_memory_limit
 
 BASE_COLUMNS = ["student", "exercise", "points", "max_points", "status"]
 STATE_FILE = ".submission_hashes.json"   # which file each graded row came from (resubmissions are regraded)
+TOTALS_FILE = "totals.csv"               # one row per student: total points over every exercise
 
 
 @dataclass
@@ -43,6 +45,9 @@ class ClassReport:
     not_graded: list[tuple[str, str, str]] = field(default_factory=list)   # (student, exercise, status)
     missing: list[tuple[str, str]] = field(default_factory=list)
     review: list[tuple[str, str]] = field(default_factory=list)            # answers that touch the grader
+    same: list[tuple[str, str, str]] = field(default_factory=list)          # (student, exercise, same as what)
+    extra: list[tuple[str, int, int]] = field(default_factory=list)         # (exercise, submitted by, students)
+    odd_entries: list[tuple[str, str]] = field(default_factory=list)        # (student, entry not graded and why)
     seconds: float = 0.0
 
 
@@ -65,19 +70,49 @@ def check_column(exercise: str, check_id: str) -> str:
     return f"{exercise}: {check_id}"
 
 
+MAX_NOTEBOOK_BYTES = 16 * 2**20    # what a notebook may weigh; read_submission says the same to the student
+MAX_FOLDER_DEPTH = 16              # folders below a student's folder that are searched
+MAX_FOLDER_ENTRIES = 10_000        # files and folders looked at in one student's folder
+ALL_EXERCISES = "*"                # key of a rejection that concerns the whole student folder
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A submitted entry that is not graded, and why: it becomes that student's ``error`` row."""
+    path: Path
+    reason: str
+
+
+@dataclass
+class Collected:
+    """What :func:`collect_submissions` found in a submissions folder."""
+    by_student: dict[str, dict[str, Path | Rejected]] = field(default_factory=dict)
+    ignored: dict[tuple[str, str], list[Path | Rejected]] = field(default_factory=dict)
+    notes: dict[str, list[str]] = field(default_factory=dict)        # per student: folders not searched
+    skipped: list[tuple[str, str]] = field(default_factory=list)    # (student, why) for unmatched odd entries
+
+
 def _claimed_exercise(path: Path) -> str | None:
+    """``course.exercise_id`` from a notebook's metadata: a short text or None (read bounded, never a link)."""
+    from .sandbox import read_regular_file
     try:
-        meta = json.loads(path.read_text(encoding="utf-8", errors="replace")).get("metadata", {})
-        return meta.get("course", {}).get("exercise_id")
+        meta = json.loads(read_regular_file(path, MAX_NOTEBOOK_BYTES).decode("utf-8-sig", errors="replace"))
+        claimed = meta.get("metadata", {}).get("course", {}).get("exercise_id")
     except Exception:  # unreadable files are only matched by name
         return None
+    return claimed if isinstance(claimed, str) and len(claimed) <= 100 else None
 
 
 _COPY = re.compile(r"^(?P<stem>.*?)\s*\((?P<n>\d+)\)$")
 
 
+def _stem(nb: Path) -> str:
+    m = _COPY.match(nb.stem)
+    return m["stem"] if m else nb.stem
+
+
 def _exercise_of(nb: Path, exercises) -> str | None:
-    stem = _COPY.match(nb.stem)["stem"] if _COPY.match(nb.stem) else nb.stem
+    stem = _stem(nb)
     if stem in exercises:
         return stem
     claimed = _claimed_exercise(nb)
@@ -87,39 +122,160 @@ def _exercise_of(nb: Path, exercises) -> str | None:
 def _newest_first(path: Path):
     m = _COPY.match(path.stem)
     try:
-        mtime = path.stat().st_mtime
+        mtime = os.lstat(path).st_mtime
     except OSError:
         mtime = 0.0
     return (-mtime, -(int(m["n"]) if m else 0), len(path.parts), str(path))
 
 
-def find_submissions(submissions_dir: Path, exercises) -> tuple[dict[str, dict[str, Path]], dict]:
-    """``({student: {exercise: notebook}}, {(student, exercise): [ignored copies]})``.
+def _walk_student(folder: Path) -> tuple[list[Path], list[tuple[Path, str]], list[str]]:
+    """Regular ``.ipynb`` files, odd ``.ipynb`` entries with why, and notes, in one student's folder.
 
-    Of several notebooks for one exercise in a student's folder (a draft and a newer
-    ``(1)`` copy), the most recently modified is graded; the others are returned as ignored.
+    Iterative and bounded (depth, number of entries); nothing is followed through a link and
+    nothing but a regular file is ever opened.
     """
-    by_student: dict[str, dict[str, Path]] = {}
-    ignored: dict[tuple[str, str], list[Path]] = {}
-    for folder in sorted(p for p in Path(submissions_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        notebooks = [p for p in folder.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts]
-        candidates: dict[str, list[Path]] = {}
+    from .sandbox import file_kind
+    notebooks, odd, notes = [], [], []
+    stack, seen, deep = [(folder, 0)], 0, False
+    while stack:
+        current, depth = stack.pop()
+        try:
+            with os.scandir(current) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            notes.append(f"the folder `{current.relative_to(folder)}` could not be read ({exc.strerror})")
+            continue
+        for entry in entries:
+            seen += 1
+            if seen > MAX_FOLDER_ENTRIES:
+                notes.append(f"your folder holds more than {MAX_FOLDER_ENTRIES:,} files and folders; "
+                             "only the first were searched")
+                return notebooks, odd, notes
+            path = Path(entry.path)
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError:
+                continue
+            if entry.name.endswith(".ipynb"):
+                if stat.S_ISREG(mode):
+                    notebooks.append(path)
+                else:
+                    why = file_kind(mode) + (" (links are never followed: submit the notebook file itself)"
+                                             if stat.S_ISLNK(mode) else "")
+                    odd.append((path, why))
+                continue
+            if stat.S_ISDIR(mode) and entry.name != ".ipynb_checkpoints":
+                if depth + 1 > MAX_FOLDER_DEPTH:
+                    deep = True
+                    continue
+                stack.append((path, depth + 1))
+    if deep:
+        notes.append(f"folders nested more than {MAX_FOLDER_DEPTH} levels deep in your folder were not searched")
+    return notebooks, odd, notes
+
+
+def collect_submissions(submissions_dir: Path, exercises) -> Collected:
+    """Every student's notebooks, matched to exercises; odd entries become per-student errors.
+
+    One folder per student (a folder that is a symbolic link is rejected, not followed). In it,
+    only regular ``.ipynb`` files are candidates; a link, folder, pipe or device named like an
+    exercise is that exercise's error unless a real notebook for it is there too. Of several
+    copies of one exercise the most recently modified is graded and the others are ignored.
+    """
+    found = Collected()
+    submissions_dir = Path(submissions_dir)
+    with os.scandir(submissions_dir) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        folder = Path(entry.path)
+        try:
+            mode = entry.stat(follow_symlinks=False).st_mode
+        except OSError:
+            continue
+        if stat.S_ISLNK(mode):
+            found.by_student[entry.name] = {ALL_EXERCISES: Rejected(
+                folder, "your submission folder is a symbolic link; links are never followed, so nothing in it was "
+                        "graded (submit a real folder with your notebooks)")}
+            continue
+        if not stat.S_ISDIR(mode):
+            continue
+        notebooks, odd, notes = _walk_student(folder)
+        candidates: dict[str, list[Path | Rejected]] = {}
         for nb in notebooks:
             name = _exercise_of(nb, exercises)
             if name is not None:
                 candidates.setdefault(name, []).append(nb)
-        matched = {}
+            elif ".ipynb_checkpoints" not in nb.parts:
+                notes.append(f"`{nb.relative_to(folder)}` was not graded: its name is not an exercise's and its "
+                             "metadata (`course.exercise_id`) names none")
+        for path, why in odd:
+            name = _stem(path)
+            rel = path.relative_to(folder)
+            if name in exercises:
+                candidates.setdefault(name, []).append(Rejected(path, f"`{rel}` is {why}, not a notebook file"))
+            else:
+                found.skipped.append((entry.name, f"{rel} is {why}"))
+        matched: dict[str, Path | Rejected] = {}
         for name, paths in candidates.items():
-            paths.sort(key=_newest_first)
-            matched[name] = paths[0]
-            if len(paths) > 1:
-                ignored[(folder.name, name)] = paths[1:]
-        by_student[folder.name] = matched
-    return by_student, ignored
+            real = sorted((p for p in paths if isinstance(p, Path)), key=_newest_first)
+            odd_ones = [p for p in paths if isinstance(p, Rejected)]
+            ordered = real + odd_ones
+            matched[name] = ordered[0]
+            if len(ordered) > 1:
+                found.ignored[(entry.name, name)] = ordered[1:]
+        found.by_student[entry.name] = matched
+        if notes:
+            found.notes[entry.name] = notes
+    return found
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def find_submissions(submissions_dir: Path, exercises) -> tuple[dict[str, dict[str, Path | Rejected]], dict]:
+    """``({student: {exercise: notebook or Rejected}}, {(student, exercise): [ignored copies]})``.
+
+    Of several notebooks for one exercise in a student's folder (a draft and a newer
+    ``(1)`` copy), the most recently modified is graded; the others are returned as ignored.
+    """
+    found = collect_submissions(submissions_dir, exercises)
+    return found.by_student, found.ignored
+
+
+def _sha256(path: Path) -> str | None:
+    from .sandbox import read_regular_file
+    try:
+        return hashlib.sha256(read_regular_file(path, MAX_NOTEBOOK_BYTES)).hexdigest()
+    except (OSError, ValueError):
+        return None
+
+
+_DANGEROUS_FIRST = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_safe(value) -> str:
+    """A gradebook cell that no spreadsheet runs as a formula (a leading ``'`` is added, see :func:`csv_unsafe`)."""
+    text = "" if value is None else str(value)
+    if text.startswith(_DANGEROUS_FIRST) and not _is_number(text):
+        return "'" + text
+    return text
+
+
+def csv_unsafe(text: str) -> str:
+    """The value :func:`csv_safe` was given."""
+    return text[1:] if len(text) > 1 and text[0] == "'" and text[1] in "=+-@\t\r'" else text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return text.strip() == text and text[:1] not in ("=", "+", "@")
+    except ValueError:
+        return False
+
+
+def printable(name: str) -> str:
+    """A student or file name for a terminal line: control characters shown escaped."""
+    return name if name.isprintable() else ascii(name)[1:-1]
 
 
 class Gradebook:
@@ -136,6 +292,7 @@ class Gradebook:
             with open(self.path, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 for row in reader:
+                    row = {k: csv_unsafe(v or "") for k, v in row.items() if k is not None}
                     if row.get("student") and row.get("exercise"):
                         self.rows[(row["student"], row["exercise"])] = row
                 for col in reader.fieldnames or []:
@@ -160,13 +317,13 @@ class Gradebook:
             writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
             writer.writeheader()
             for key in sorted(keep):
-                writer.writerow({c: self.rows[key].get(c, "") for c in self.columns})
+                writer.writerow({c: csv_safe(self.rows[key].get(c, "")) for c in self.columns})
         os.replace(tmp, self.path)
         self.rows = {k: v for k, v in self.rows.items() if k in keep}
 
     def append(self, row: dict, digest: str | None) -> None:
         with open(self.path, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(row)
+            csv.DictWriter(f, fieldnames=self.columns, restval="").writerow({k: csv_safe(v) for k, v in row.items()})
             f.flush()
             os.fsync(f.fileno())
         key = (row["student"], row["exercise"])
@@ -178,8 +335,41 @@ class Gradebook:
             os.replace(tmp, self.state_path)
 
     def finish(self) -> None:
-        """Sort the rows by student and exercise (the file was complete before this, too)."""
+        """Sort the rows by student and exercise (the file was complete before this, too); write the totals."""
         self.start(set(self.rows))
+        self.write_totals()
+
+    def write_totals(self) -> Path:
+        """``totals.csv``: one row per student, their points and the maximum over every exercise in the
+        gradebook (a missing or failed exercise counts 0 of its maximum), then each exercise's points."""
+        exercises = sorted({e for _, e in self.rows})
+        students = sorted({s for s, _ in self.rows})
+        path = self.out_dir / TOTALS_FILE
+        tmp = path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["student", "points", "max_points", "exercises_graded", *exercises])
+            for student in students:
+                got, most, graded, per = 0.0, 0.0, 0, []
+                for e in exercises:
+                    row = self.rows.get((student, e))
+                    if row is None:
+                        per.append("")
+                        continue
+                    got += _number(row.get("points"))
+                    most += _number(row.get("max_points"))
+                    graded += row.get("status") == "graded"
+                    per.append(row.get("points", ""))
+                writer.writerow([csv_safe(student), _fmt_points(got), _fmt_points(most), graded, *per])
+        os.replace(tmp, path)
+        return path
+
+
+def _number(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def result_row(result: SubmissionResult) -> dict:
@@ -197,6 +387,54 @@ def write_feedback(out_dir: Path, result: SubmissionResult) -> Path:
     return path
 
 
+def _answers_fingerprint(nb, ex: Exercise) -> str | None:
+    """A digest of a notebook's answers as graded (matched by name, blank lines and trailing spaces and
+    the solution markers ignored); None when no answer differs from the exercise's stubs."""
+    from . import layout
+
+    def norm(src: str) -> str:
+        keep = [line.rstrip() for line in src.replace("\r\n", "\n").splitlines()]
+        return "\n".join(x for x in keep if x.strip() and x.strip() not in ("# BEGIN SOLUTION", "# END SOLUTION"))
+
+    match = layout.match_answers(ex.notebook.cells, nb.cells)
+    stubs = {c.get("id"): c.get("source", "") for c in ex.notebook.cells if layout.is_code(c, "answer")}
+    answers = [norm(match.sources.get(rid, "") or "") for rid in ex.answer_ids]
+    if all(a == norm(stubs.get(rid, "")) for a, rid in zip(answers, ex.answer_ids)):
+        return None
+    return hashlib.sha256("\n\x00\n".join(answers).encode("utf-8", errors="replace")).hexdigest()
+
+
+def _same_answers(runnable, exercises) -> dict[tuple[str, str], str]:
+    """``{(student, exercise): what its answers are identical to}``: the reference solution, or classmates."""
+    from .grader import NotANotebook, read_submission
+    prints: dict[tuple[str, str], str] = {}
+    for student, name, path, _ in runnable:
+        try:
+            fp = _answers_fingerprint(read_submission(path), exercises[name])
+        except (NotANotebook, Exception):  # an unreadable file gets its own error when graded
+            fp = None
+        if fp is not None:
+            prints[(student, name)] = fp
+    reference: dict[str, str | None] = {}
+    for name in {n for _, n in prints}:
+        sol = exercises[name].solution
+        try:
+            reference[name] = _answers_fingerprint(read_submission(sol), exercises[name]) if sol else None
+        except Exception:
+            reference[name] = None
+    groups: dict[tuple[str, str], list[str]] = {}
+    for (student, name), fp in prints.items():
+        groups.setdefault((name, fp), []).append(student)
+    same = {}
+    for (name, fp), students in groups.items():
+        for student in students:
+            if fp == reference.get(name):
+                same[(student, name)] = "the reference solution"
+            elif len(students) > 1:
+                same[(student, name)] = ", ".join(f"{o}/{name}" for o in students if o != student)
+    return same
+
+
 def grade_class(submissions_dir: Path, out_dir: Path, *, exercises_dir: Path = EXERCISES_DIR, jobs: int = 1,
                 timeout_s: float = DEFAULT_TIMEOUT_S, cell_timeout_s: float = DEFAULT_CELL_TIMEOUT_S,
                 force: bool = False, only: list[str] | None = None, log=sys.stdout,
@@ -205,9 +443,12 @@ def grade_class(submissions_dir: Path, out_dir: Path, *, exercises_dir: Path = E
     """Grade every student's submissions; returns counts and what could not be graded.
 
     The exercises graded are ``only`` if given, else every exercise at least one student
-    submitted; a student without that notebook gets a ``missing`` row. One secret seed is
-    drawn per run (``seed`` fixes it, for tests); ``memory_bytes`` defaults to half the RAM
-    divided by ``jobs``.
+    submitted. A student without that notebook gets a ``missing`` row when the exercise is
+    named in ``only`` or at least half the class submitted it (one student's extra exercise
+    makes no ``missing`` rows for the others). An entry that cannot be graded (a link, a
+    folder or pipe named like a notebook, a file over the size limit) is that student's
+    ``error`` row; the others are graded. One secret seed is drawn per run (``seed`` fixes
+    it, for tests); ``memory_bytes`` defaults to half the RAM divided by ``jobs``.
     """
     start = time.monotonic()
     submissions_dir, out_dir = Path(submissions_dir), Path(out_dir)
@@ -224,21 +465,32 @@ def grade_class(submissions_dir: Path, out_dir: Path, *, exercises_dir: Path = E
         unknown = sorted(set(only) - set(exercises))
         if unknown:
             raise ValueError(f"unknown exercise(s) {unknown}; known: {sorted(exercises)}")
-    by_student, ignored = find_submissions(submissions_dir, exercises)
+    found = collect_submissions(submissions_dir, exercises)
+    by_student, ignored = found.by_student, found.ignored
     if not by_student:
         raise FileNotFoundError(f"{submissions_dir} holds no student folders (expected one folder per student)")
-    graded_names = sorted(only) if only else sorted({e for subs in by_student.values() for e in subs})
+    submitted_by = {}
+    for subs in by_student.values():
+        for e in subs:
+            if e != ALL_EXERCISES:
+                submitted_by[e] = submitted_by.get(e, 0) + 1
+    graded_names = sorted(only) if only else sorted(submitted_by)
     if not graded_names:
         raise FileNotFoundError(f"no notebook in {submissions_dir} matches an exercise in {exercises_dir} "
                                 f"({', '.join(sorted(exercises))})")
+    report = ClassReport(odd_entries=list(found.skipped))
+    everyone = set(only or []) | {e for e, n in submitted_by.items() if 2 * n >= len(by_student)}
+    report.extra = [(e, submitted_by[e], len(by_student)) for e in graded_names if e not in everyone]
     columns = BASE_COLUMNS + [check_column(e, c.check_id) for e in graded_names for c in exercises[e].checks]
     book = Gradebook(out_dir, columns)
-    report = ClassReport()
     todo, keep = [], set()
     for student, subs in by_student.items():
         for name in graded_names:
             path = subs.get(name)
-            digest = _sha256(path) if path is not None else None
+            if path is None and name not in everyone:
+                continue                    # an exercise few submitted: no "missing" (or folder error) row for the rest
+            path = path or subs.get(ALL_EXERCISES)
+            digest = _sha256(path) if isinstance(path, Path) else None
             if not force and book.is_done(student, name, digest):
                 keep.add((student, name))
                 report.skipped += 1
@@ -256,19 +508,23 @@ def grade_class(submissions_dir: Path, out_dir: Path, *, exercises_dir: Path = E
             report.missing.append((result.student, result.exercise))
         if result.needs_review:
             report.review.append((result.student, result.exercise))
-        print(f"{result.student:>16} {result.exercise:<20} {result.status:<8} "
+        print(f"{printable(result.student):>16} {result.exercise:<20} {result.status:<8} "
               f"{_fmt_points(result.points):>5} / {_fmt_points(result.max_points):<5} {result.seconds:6.1f} s",
               file=log, flush=True)
+
+    def not_run(name: str) -> list[CheckResult]:
+        return [CheckResult(c, passed=False, note="not run") for c in exercises[name].checks]
 
     runnable = []
     for student, name, path, digest in todo:
         if path is None:
-            missing = SubmissionResult(student, name, "missing",
-                                       [CheckResult(c, passed=False, note="not run") for c in exercises[name].checks],
-                                       [f"no notebook for {name} in {student}'s folder"])
-            record(missing, None)
+            record(SubmissionResult(student, name, "missing", not_run(name),
+                                    [f"no notebook for {name} in your folder"] + found.notes.get(student, [])), None)
+        elif isinstance(path, Rejected):
+            record(SubmissionResult(student, name, "error", not_run(name), [path.reason]), None)
         else:
             runnable.append((student, name, path, digest))
+    same = _same_answers(runnable, exercises)
     hide = [submissions_dir, out_dir]
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
@@ -281,14 +537,24 @@ def grade_class(submissions_dir: Path, out_dir: Path, *, exercises_dir: Path = E
             try:
                 result = future.result()
             except Exception as exc:  # a grader bug on one file must not stop the class
-                result = SubmissionResult(student, name, "error",
-                                          [CheckResult(c, passed=False, note="not run") for c in exercises[name].checks],
-                                          [f"the grader failed on this file: {type(exc).__name__}: {exc}"])
+                result = SubmissionResult(student, name, "error", not_run(name),
+                                          [f"the grader failed on this file ({type(exc).__name__}); "
+                                           "the instructor has the details"])
+                print(f"grader error on {printable(student)}/{name}: {type(exc).__name__}: {exc}", file=sys.stderr)
             others = ignored.get((student, name))
             if others:
-                rel = lambda p: str(p.relative_to(submissions_dir / student))  # noqa: E731
+                def rel(p):
+                    return str((p.path if isinstance(p, Rejected) else p).relative_to(submissions_dir / student))
                 result.notes.insert(0, f"graded `{rel(path)}`, the newest of your copies of {name}; ignored: "
                                     + ", ".join(f"`{rel(p)}`" for p in others))
+            result.notes[1 if others else 0:1 if others else 0] = found.notes.get(student, [])
+            if (student, name) in same:
+                what = same[(student, name)]
+                report.same.append((student, name, what))
+                result.notes.append("NOTE: your answers are character for character the same as "
+                                    + ("the course's reference solution" if what == "the reference solution"
+                                       else "another submission in this class")
+                                    + "; the instructor is told of every such match")
             record(result, digest)
     except BaseException:  # Ctrl-C: stop the running kernels; the rows written so far stay
         pool.shutdown(wait=False, cancel_futures=True)

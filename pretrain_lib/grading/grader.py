@@ -96,19 +96,61 @@ def _same_output(produced: str, expected: str) -> bool:
     return norm(produced) == norm(expected)
 
 
-def read_submission(path: Path) -> nbformat.NotebookNode:
-    """Parse a student's file; raises :class:`NotANotebook` saying what is wrong."""
+def read_submission(path: Path, *, max_bytes: int = 16 * 2**20, max_cell_chars: int = 512 * 2**10,
+                    max_cells: int = 20_000) -> nbformat.NotebookNode:
+    """Parse a student's file; raises :class:`NotANotebook` saying what is wrong.
+
+    Bounded before anything is parsed: only a regular file is read (never through a symbolic
+    link, never a folder, a pipe or a device), of at most ``max_bytes``; then at most
+    ``max_cells`` cells, each code cell at most ``max_cell_chars`` characters. A UTF-8
+    byte-order mark, Windows line endings and nbformat 4.0-4.4 files (no cell ids) read like
+    any other notebook. Stored outputs and attachments are dropped: the grader never uses them.
+    """
+    import errno
+
+    from .sandbox import read_regular_file
     try:
-        raw = Path(path).read_bytes()
+        raw = read_regular_file(path, max_bytes)
+    except ValueError:
+        raise NotANotebook(f"the file is larger than {max_bytes // 2**20} MB, the limit for one notebook; clear its "
+                           "outputs (in Jupyter: Kernel, Restart Kernel and Clear All Outputs), save it and "
+                           "submit again") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotANotebook("the file is a symbolic link, not a notebook; submit the notebook file itself") from None
+        if exc.errno == errno.EINVAL and str(exc.strerror).startswith("not a regular file"):
+            raise NotANotebook(f"not a notebook file: it is {str(exc.strerror).split('(', 1)[-1].rstrip(')')}") \
+                from None
         raise NotANotebook(f"cannot read the file: {exc.strerror}") from None
+    text = raw.decode("utf-8-sig", errors="replace")      # a byte-order mark is accepted
+    del raw
     try:
-        data = json.loads(raw.decode("utf-8", errors="replace"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise NotANotebook(f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
                            "was the notebook saved completely? Re-save it in Jupyter and submit again") from None
+    except RecursionError:
+        raise NotANotebook("not a readable notebook: its JSON is nested too deeply") from None
+    del text
     if not isinstance(data, dict) or not isinstance(data.get("cells", data.get("worksheets")), list):
         raise NotANotebook("valid JSON but not a Jupyter notebook (no list of 'cells')")
+    raw_cells = data["cells"] if isinstance(data.get("cells"), list) else [
+        c for w in data["worksheets"] if isinstance(w, dict) and isinstance(w.get("cells"), list) for c in w["cells"]]
+    if len(raw_cells) > max_cells:
+        raise NotANotebook(f"{len(raw_cells)} cells, over the limit of {max_cells} for one notebook")
+    for number, cell in enumerate(raw_cells, 1):
+        if not isinstance(cell, dict):
+            continue
+        for key in ("source", "input"):
+            src = cell.get(key)
+            size = len(src) if isinstance(src, str) else sum(len(x) for x in src if isinstance(x, str)) \
+                if isinstance(src, list) else 0
+            if size > max_cell_chars and cell.get("cell_type") != "markdown":
+                raise NotANotebook(f"cell {number} holds {size:,} characters, over the limit of {max_cell_chars:,} "
+                                   "for one cell; an answer is a few functions: remove the pasted data or output")
+        if "outputs" in cell:
+            cell["outputs"] = []
+        cell.pop("attachments", None)
     try:
         nb = nbformat.reads(json.dumps(data), as_version=4)
     except Exception as exc:  # nbformat raises several types for malformed notebooks
@@ -117,9 +159,11 @@ def read_submission(path: Path) -> nbformat.NotebookNode:
         if not isinstance(cell, dict) or "cell_type" not in cell:
             raise NotANotebook("a cell without a 'cell_type'; the file was edited outside Jupyter")
         if isinstance(cell.get("source"), list):
-            cell["source"] = "".join(cell["source"])
+            cell["source"] = "".join(x for x in cell["source"] if isinstance(x, str))
         if not isinstance(cell.get("source", ""), str):
             raise NotANotebook("a cell whose 'source' is not text")
+        if "\r" in cell.get("source", ""):                # Windows (or old Mac) line endings
+            cell["source"] = cell["source"].replace("\r\n", "\n").replace("\r", "\n")
     return nb
 
 
