@@ -76,6 +76,11 @@ def _clean_outputs(outputs: list) -> list:
         if o.get("output_type") == "execute_result":
             o["execution_count"] = None
         o.get("metadata", {}).clear() if isinstance(o.get("metadata"), dict) else None
+        if (o.get("output_type") == "stream" and cleaned and cleaned[-1].get("output_type") == "stream"
+                and cleaned[-1].get("name") == o.get("name")):   # one block however the kernel chunked it
+            text = lambda t: "".join(t) if isinstance(t, list) else str(t)
+            cleaned[-1]["text"] = text(cleaned[-1].get("text", "")) + text(o.get("text", ""))
+            continue
         cleaned.append(o)
     return cleaned
 

@@ -1,21 +1,27 @@
 """Grade one submitted notebook: the student's answers, the reference exercise, hidden probes.
 
 1. Only the student's answers are taken from their file, matched by the names each answer
-   defines (``layout.match_answers``); everything else comes from the reference exercise.
+   defines (``layout.match_answers``), with the helper cells they use (a cell of the student's
+   defining a name an answer uses); everything else comes from the reference exercise.
 2. The assembled notebook runs under nbval in the submission's sandbox (``runner``). Its check
-   cells print PASS/FAIL lines as the student saw them; their reference outputs stay outside.
-   After each check cell a hidden cell runs that check's *probe*: the answers, re-run in a
-   fresh namespace, called on inputs drawn from a secret seed; their values come back as JSON.
-3. The same probes run on the solution's answers in a separate trusted process
-   (``reference``). A check scores its points when the probe's judge, run here, accepts the
-   student's values *and* the visible output matches the reference output. Patching
-   ``print``, the checks, IPython hooks or ``allclose``, reading files or hard-coding the
-   visible cases therefore gains nothing: the kernel never sees what is expected.
+   cells print PASS/FAIL lines as the student saw them; their reference outputs stay outside,
+   and no probe code, seed or expected value enters this kernel.
+3. After the kernel has ended, a fresh probe process in a sandbox of its own loads the same
+   answers and calls them on inputs drawn from a secret seed (``probe_runner.run_isolated``);
+   it receives the probe code and the seed only after the answers are loaded, and its values
+   come back on its own stdout pipe. The same probes run on the solution's answers in a
+   separate trusted process (``reference``). A check scores its points when the probe's judge,
+   run here, accepts the student's values *and* the visible output shows the reference lines
+   (extra lines, such as a leftover debug print, are allowed when a probe decides). Patching
+   ``print``, the checks, IPython hooks or the probe machinery in the kernel, reading files or
+   hard-coding the visible cases therefore gains nothing.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -24,7 +30,7 @@ from pathlib import Path
 import nbformat
 
 from . import layout
-from .probe_runner import parse_probe_output, probe_cell_source
+from .probe_runner import python_cells, run_isolated
 from .reference import Exercise, load_exercise, reference_values
 from .review import review_source
 from .runner import run_nbval
@@ -90,10 +96,18 @@ def stream_text(outputs) -> str:
     return "".join(parts)
 
 
-def _same_output(produced: str, expected: str) -> bool:
+def _same_output(produced: str, expected: str, extra_lines_ok: bool = False) -> bool:
+    """The same printed lines; with ``extra_lines_ok`` (a check whose points come from a hidden probe),
+    the expected lines in order among others, so a leftover debug print costs nothing."""
     def norm(t):
         return [line.rstrip() for line in t.strip().splitlines()]
-    return norm(produced) == norm(expected)
+    got, want = norm(produced), norm(expected)
+    if got == want:
+        return True
+    if not extra_lines_ok or not want:
+        return False
+    it = iter(got)
+    return all(any(line == w for line in it) for w in want)
 
 
 def read_submission(path: Path, *, max_bytes: int = 16 * 2**20, max_cell_chars: int = 512 * 2**10,
@@ -169,23 +183,78 @@ def read_submission(path: Path, *, max_bytes: int = 16 * 2**20, max_cell_chars: 
 
 # --- assembling ---------------------------------------------------------------------------------
 
+NOTES_CAP = 40                 # notes in one feedback file (the rest are counted)
+NOTE_CHARS = 1_500             # characters of one note
+IGNORED_LISTED = 10            # ignored cells named one by one
+_BODY_MAGICS = re.compile(r"\A\s*%%(time|capture)\b[^\n]*(\n|\Z)")
+
+
 @dataclass
 class Assembled:
     notebook: nbformat.NotebookNode
     notes: list[str]
     ignored: list[tuple[int, str]]
-    missing: set[str]          # names of answers not found
-    nonce: str
+    missing: set[str]                                  # names of answers not found
+    probe_cells: list[tuple[str, str]] = field(default_factory=list)   # (cell id, source) the probes load
 
 
 def _names(ex: Exercise, ref_id: str) -> list[str]:
     return ex.defines.get(ref_id, [])
 
 
-def assemble(ex: Exercise, submission: nbformat.NotebookNode, seed: int) -> Assembled:
-    """The reference exercise with the student's answers in, and a hidden probe cell after each check."""
+def strip_body_magic(source: str) -> str:
+    """``%%time`` / ``%%capture`` cells run their body as Python: grade the body (IPython would run it)."""
+    return _BODY_MAGICS.sub("", source, count=1) if isinstance(source, str) else source
+
+
+def _used_names(source: str) -> set[str]:
+    tree = layout.parse(source)
+    if tree is None:
+        return set(re.findall(r"[A-Za-z_]\w*", source))
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+
+
+def _helpers(match: layout.Match, cells, answer_ids: list[str]) -> dict[str, list[int]]:
+    """Ignored cells defining names the answers use (directly or through another helper): answer id -> cell numbers."""
+    by_number = {n: c for n, c in enumerate(cells, 1)}
+    candidates = {}
+    for n, _ in match.ignored:
+        src = by_number[n].get("source", "")
+        names = layout.defined_names(src)
+        if names:
+            candidates[n] = (src, names)
+    slot_uses = {rid: _used_names(match.sources.get(rid, "")) for rid in answer_ids if match.sources.get(rid)}
+    placed: dict[int, str] = {}
+    changed = True
+    while changed:
+        changed = False
+        for n, (src, names) in candidates.items():
+            users = [rid for rid, used in slot_uses.items() if names & used]
+            users += [placed[m] for m in placed if m != n and names & _used_names(candidates[m][0])]
+            if not users:
+                continue
+            slot = min(users, key=answer_ids.index)
+            if placed.get(n) != slot:
+                placed[n] = slot
+                changed = True
+    out: dict[str, list[int]] = {}
+    for n in sorted(placed):
+        out.setdefault(placed[n], []).append(n)
+    return out
+
+
+def assemble(ex: Exercise, submission: nbformat.NotebookNode, seed: int | None = None) -> Assembled:
+    """The reference exercise with the student's answers (and the helper cells they use) in.
+
+    No probe code and no seed enter this notebook: the hidden probes run afterwards in a
+    process of their own (``probe_runner.run_isolated``) on ``probe_cells``.
+    """
     graded = copy.deepcopy(ex.notebook)
-    match = layout.match_answers(ex.notebook.cells, submission.cells)
+    student_cells = copy.deepcopy(submission.cells)
+    for cell in student_cells:
+        if cell.get("cell_type") == "code":
+            cell["source"] = strip_body_magic(cell.get("source", ""))
+    match = layout.match_answers(ex.notebook.cells, student_cells)
     notes = list(match.notes)
     missing: set[str] = set()
     for rid in match.missing:
@@ -193,41 +262,66 @@ def assemble(ex: Exercise, submission: nbformat.NotebookNode, seed: int) -> Asse
         missing.update(names)
         notes.append(f"no cell of your notebook defines {layout._label(names)}; that answer was graded as not answered "
                      "(was its cell deleted, or the function renamed?)")
-    for n, first in match.ignored:
-        notes.append(f"your cell {n} (`{first}`) is not an answer cell and defines no answer, so it was not run")
-    for number, rid in enumerate(ex.answer_ids, 1):
-        source = match.sources.get(rid)
+    helpers = _helpers(match, student_cells, ex.answer_ids)
+    helper_numbers = {n for numbers in helpers.values() for n in numbers}
+    ignored = [(n, first) for n, first in match.ignored if n not in helper_numbers]
+    for n in sorted(helper_numbers):
+        slot = next(rid for rid, numbers in helpers.items() if n in numbers)
+        defined = sorted(layout.defined_names(student_cells[n - 1].get("source", "")))
+        notes.append(f"your cell {n} defines {layout._label(defined[:5])}, which your answers use: it was run before "
+                     f"the answer defining {layout._label(_names(ex, slot))}")
+    listed = ", ".join(f"{n} (`{first}`)" for n, first in ignored[:IGNORED_LISTED])
+    if ignored:
+        more = f" and {len(ignored) - IGNORED_LISTED} more" if len(ignored) > IGNORED_LISTED else ""
+        notes.append(f"your cell{'s' if len(ignored) > 1 else ''} {listed}{more} "
+                     f"{'are' if len(ignored) > 1 else 'is'} not an answer cell and define{'' if len(ignored) > 1 else 's'} "
+                     "no name your answers use, so "
+                     f"{'they were' if len(ignored) > 1 else 'it was'} not run")
+    reviewed = [(f"the answer defining {layout._label(_names(ex, rid))}", match.sources.get(rid))
+                for rid in ex.answer_ids]
+    reviewed += [(f"your helper cell {n}", student_cells[n - 1].get("source", "")) for n in sorted(helper_numbers)]
+    for what, source in reviewed:
         if not source:
             continue
         for reason in review_source(source, forbidden=ex.forbidden, modules=ex.module_names):
-            notes.append(f"REVIEW: the answer defining {layout._label(_names(ex, rid))} {reason}; "
-                         "the instructor will read this answer")
-    for cell in graded.cells:
-        if layout.is_code(cell, "answer"):
-            cell.source = match.sources.get(cell.get("id"), "")
-    # the probes re-run the notebook without its check cells: setup cells and answers, in order
-    cells_run = [c.source for c in graded.cells
-                 if c.cell_type == "code" and not layout.is_code(c, "check") and c.source.strip()]
-    nonce = secrets.token_hex(8)
-    payload = json.dumps({"probes": ex.probe_source, "seed": seed, "nonce": nonce, "cells": cells_run})
+            notes.append(f"REVIEW: {what} {reason}; the instructor will read this answer")
     cells = []
     for cell in graded.cells:
+        if layout.is_code(cell, "answer"):
+            for n in helpers.get(cell.get("id"), []):
+                helper = nbformat.v4.new_code_cell(student_cells[n - 1].get("source", ""), id=f"grading-helper-{n}")
+                helper.metadata["grading_helper"] = n
+                cells.append(helper)
+            cell.source = match.sources.get(cell.get("id"), "")
         cells.append(cell)
+    for cell in cells:
         if cell.cell_type != "code":
             continue
         cell.metadata["tags"] = sorted(set(layout.tags(cell)) | {"nbval-ignore-output"})
         if layout.is_code(cell, "check"):
             cell.outputs = []                      # the expected output never enters the sandbox
-            if layout.check_id(cell) not in ex.judges:
-                continue
-            probe = nbformat.v4.new_code_cell(probe_cell_source(payload, [layout.check_id(cell)]),
-                                              id=f"grading-probe-{len(cells)}")
-            probe.metadata["tags"] = ["nbval-ignore-output"]
-            probe.metadata["grading_probe"] = [layout.check_id(cell)]
-            cells.append(probe)
     graded.cells = cells
     layout.number_checks(graded.cells)
-    return Assembled(graded, notes, match.ignored, missing, nonce)
+    probe_cells = [(c.get("id"), c.source) for c in graded.cells
+                   if c.cell_type == "code" and not layout.is_code(c, "check") and c.source.strip()]
+    return Assembled(graded, notes, ignored, missing, probe_cells)
+
+
+def cap_notes(notes: list[str]) -> list[str]:
+    """Notes without repeats, each at most ``NOTE_CHARS`` long, at most ``NOTES_CAP`` of them."""
+    seen, out = set(), []
+    for note in notes:
+        note = str(note)
+        note = note if len(note) <= NOTE_CHARS else note[:NOTE_CHARS] + " [...]"
+        if note not in seen:
+            seen.add(note)
+            out.append(note)
+    if len(out) > NOTES_CAP:
+        keep = [n for n in out if n.startswith("REVIEW:")][:NOTES_CAP // 2]
+        rest = [n for n in out if n not in keep][:NOTES_CAP - len(keep)]
+        dropped = len(out) - len(keep) - len(rest)
+        out = [n for n in out if n in keep or n in rest] + [f"... and {dropped} more notes"]
+    return out
 
 
 # --- grading ------------------------------------------------------------------------------------
@@ -250,8 +344,8 @@ def grade_notebook(submission: Path, exercise: Exercise | Path, *, student: str 
         return result
     course = student_nb.metadata.get("course")
     claimed = course.get("exercise_id") if isinstance(course, dict) else None
-    if claimed and claimed != ex.name:
-        result.notes.append(f"the notebook's metadata says it is exercise {claimed!r}, graded as {ex.name!r}")
+    if isinstance(claimed, str) and claimed and claimed != ex.name:
+        result.notes.append(f"the notebook's metadata says it is exercise {claimed[:80]!r}, graded as {ex.name!r}")
     reference, ref_note = reference_values(ex, seed)
     if ref_note:
         result.notes.append(ref_note)
@@ -259,32 +353,66 @@ def grade_notebook(submission: Path, exercise: Exercise | Path, *, student: str 
     if reference is not None and unprobed:
         result.notes.append(f"checks {', '.join(unprobed)} have no hidden probe: their points come from the visible "
                             "output only")
-    built = assemble(ex, student_nb, seed)
+    built = assemble(ex, student_nb)
     result.notes.extend(built.notes)
     result.ignored_cells = built.ignored
     cell_timeout_s = min(cell_timeout_s, timeout_s)
+    memory_bytes = memory_bytes or default_memory_limit(1)
+    hide = hidden_paths([ex.path.parent, *([ex.solution.parent] if ex.solution else []), *hide])
     run = run_nbval(built.notebook, timeout_s=timeout_s, cell_timeout_s=cell_timeout_s,
-                    memory_bytes=memory_bytes or default_memory_limit(1), sandbox=sandbox,
-                    hide=hidden_paths([ex.path.parent, *( [ex.solution.parent] if ex.solution else []), *hide]))
-    _score(result, run, built, ex, reference, seed)
+                    memory_bytes=memory_bytes, sandbox=sandbox, hide=hide)
+    probes_out = _probe(ex, built, run, reference, seed, result, timeout_s=timeout_s, cell_timeout_s=cell_timeout_s,
+                        memory_bytes=memory_bytes, sandbox=sandbox, hide=hide)
+    _score(result, run, built, ex, reference, seed, probes_out)
     _status(result, run, timeout_s, cell_timeout_s, memory_bytes, time.monotonic() - start)
+    result.notes = cap_notes(result.notes)
     result.seconds = time.monotonic() - start
     return result
 
 
-def _score(result: SubmissionResult, run, built: Assembled, ex: Exercise, reference: dict | None, seed: int) -> None:
+PROBE_GRACE_S = 30.0    # the probe process's limit is the notebook's plus this (Python and torch start again)
+
+
+def _probe(ex: Exercise, built: Assembled, run, reference: dict | None, seed: int, result: SubmissionResult, *,
+           timeout_s: float, cell_timeout_s: float, memory_bytes: int, sandbox: bool, hide: list[Path]) -> dict:
+    """The hidden probes' values from a fresh probe process, after the kernel has ended.
+
+    It loads the cells the kernel completed, in order, up to the first cell that hit a time
+    limit or ended the kernel (what follows scored 0 anyway), and probes the checks that ran.
+    """
+    if reference is None:
+        return {}
     cells = {r.get("id"): r for r in run.records if r.get("event") == "cell"}
-    probes_out: dict = {}
-    for r in cells.values():
-        if str(r.get("id", "")).startswith("grading-probe-"):
-            probes_out.update(parse_probe_output(stream_text(r.get("produced", [])), built.nonce))
+    ran = [c.check_id for c in ex.checks if c.check_id in ex.judges and c.cell_id in cells]
+    if not ran:
+        return {}
+    sources = []
+    for cid, source in built.probe_cells:
+        rec = cells.get(cid)
+        if rec is None or rec.get("timed_out") or rec.get("notebook_timed_out") or rec.get("kernel_died"):
+            break
+        sources.append(source)
+    values, note = run_isolated(python_cells(sources), ex.probe_source, ran, seed,
+                                timeout_s=timeout_s + PROBE_GRACE_S, cell_timeout_s=cell_timeout_s,
+                                memory_bytes=memory_bytes, hide=hide, sandbox=sandbox)
+    if note:
+        result.notes.append(note + "; the checks it did not report scored 0")
+    return values
+
+
+def _score(result: SubmissionResult, run, built: Assembled, ex: Exercise, reference: dict | None, seed: int,
+           probes_out: dict | None = None) -> None:
+    cells = {r.get("id"): r for r in run.records if r.get("event") == "cell"}
+    probes_out = probes_out or {}
     for cr in result.checks:
         rec = cells.get(cr.check.cell_id)
         if rec is None:
             cr.note = "not run"
             continue
+        cr.note = ""
         cr.produced = stream_text(rec.get("produced", []))
-        visible = bool(rec.get("passed")) and _same_output(cr.produced, cr.check.expected)
+        probed = reference is not None and cr.check.check_id in ex.judges
+        visible = bool(rec.get("passed")) and _same_output(cr.produced, cr.check.expected, extra_lines_ok=probed)
         answer = cr.check.answer
         if answer and answer in built.missing:
             cr.passed, cr.note = False, f"`{answer}` was not found in your notebook"
@@ -298,24 +426,37 @@ def _score(result: SubmissionResult, run, built: Assembled, ex: Exercise, refere
             cr.note = cr.note or "wrong on the grader's hidden inputs"
 
 
+def _scrub(text: str, seed: int) -> str:
+    """Never show the secret seed (or the numbers the probes derive from it) in feedback."""
+    for n in sorted({int(seed), int(seed) % 2**31, int(seed) % 10**6, int(seed) % 2**32}, reverse=True):
+        if n >= 1000:
+            text = text.replace(str(n), "(secret)")
+    return text
+
+
 def _judge(ex: Exercise, cid: str, student, reference: dict | None, seed: int) -> tuple[bool, str]:
     if reference is None or cid not in ex.judges:   # nothing to compare with: visible output only
         return True, ""
     ref = reference.get(cid)
     if not isinstance(ref, dict) or "value" not in ref:
         return False, f"the grader's reference failed on this check ({(ref or {}).get('error', 'no value')})"
+    inputs = ex.inputs.get(cid) or "fresh inputs drawn from this grading run's secret seed"
     if not isinstance(student, dict):
-        return False, "the hidden check did not report (the cell before it stopped the kernel?)"
+        return False, "the hidden check did not report (see the notes: the probe process stopped or timed out)"
     if "error" in student or "value" not in student:
-        error = str(student.get("error", "an error"))[:200]
+        error = _scrub(str(student.get("error", "an error"))[:200], seed)
         if error == "not implemented yet":
             return False, "not answered yet (the stub raises NotImplementedError)"
-        return False, f"on the hidden inputs your code raised {error}"
+        return False, f"your code raised {error} (inputs: {inputs})"
     try:
         ok, why = ex.judges[cid](student["value"], ref["value"], seed)
-    except Exception as exc:  # a malformed value from the kernel fails the check, not the grader
-        return False, f"your code returned values of an unexpected shape or type ({type(exc).__name__})"
-    return bool(ok), str(why or "")[:400]
+    except Exception as exc:  # a malformed value from the probe process fails the check, not the grader
+        return False, (f"your code returned values of an unexpected shape or type ({type(exc).__name__}; "
+                       f"inputs: {inputs})")
+    if ok is True:
+        return True, ""
+    why = _scrub(str(why or "the values differ from the expected ones")[:400], seed)
+    return False, f"{why} (inputs: {inputs})"
 
 
 def _failure_note(rec: dict) -> str:
@@ -327,7 +468,7 @@ def _failure_note(rec: dict) -> str:
         return "not run: the kernel had stopped"
     errors = [o for o in rec.get("produced", []) if o.get("output_type") == "error"]
     if errors:
-        what = f"{errors[0].get('ename')}: {errors[0].get('evalue')}".strip().splitlines()[0]
+        what = f"{errors[0].get('ename')}: {errors[0].get('evalue')}".strip().rstrip(":").splitlines()[0]
         return f"the cell raised {what[:200]}"
     message = (rec.get("message") or "").strip()
     return message.splitlines()[0][:300] if message else "the cell raised an error"

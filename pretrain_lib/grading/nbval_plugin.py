@@ -13,10 +13,10 @@ notebook it assembled (reference exercise + the student's answer cells). This pl
 * notices a kernel that died (``os._exit``, ``os.kill``, out of memory) at once instead of
   waiting for the cell limit;
 * caps what one cell may print, on the messages received from the kernel (so the kernel cannot
-  switch it off): ``OUTPUT_CAP_CHARS`` per cell, more for the grader's hidden probe cells.
+  switch it off): ``OUTPUT_CAP_CHARS`` per cell.
 
-It holds no grading logic: points are decided by the grader, from the probe values in these
-records, which the kernel cannot forge.
+It holds no grading logic, and no hidden probe runs in this kernel: points are decided by the
+grader, from the values of a separate probe process (``probe_runner.run_isolated``).
 """
 from __future__ import annotations
 
@@ -31,7 +31,6 @@ from nbval import plugin as nbval_plugin
 from ..process_tree import kill_tree
 
 OUTPUT_CAP_CHARS = 200_000          # per cell: check cells print a few lines
-PROBE_OUTPUT_CAP_CHARS = 8_000_000  # the hidden probe cells print the values of the answers
 _TRUNCATED = "\n[output truncated by the grader]\n"
 
 
@@ -159,8 +158,7 @@ def pytest_runtest_setup(item) -> None:
     if left <= 0:
         _recorder.notebook_timed_out = True
         _kill_kernel(item)
-    probe = isinstance(item.cell.get("metadata", {}).get("grading_probe"), list)
-    _Cap.limit, _Cap.used, _Cap.truncated = (PROBE_OUTPUT_CAP_CHARS if probe else OUTPUT_CAP_CHARS), 0, False
+    _Cap.limit, _Cap.used, _Cap.truncated = OUTPUT_CAP_CHARS, 0, False
     cell_limit = float(item.config.getoption("nbval_cell_timeout"))
     item._grading_cell_limit = cell_limit
     item.config.option.nbval_cell_timeout = max(0.1, min(cell_limit, left))

@@ -21,7 +21,7 @@ from pathlib import Path
 import nbformat
 
 from . import layout
-from .probe_runner import load_probes
+from .probe_runner import load_probes, python_cells
 
 PACKAGE_PROBES = Path(__file__).resolve().parent / "probes"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +56,7 @@ class Exercise:
     probe_source: str | None = None
     probe_file: Path | None = None
     judges: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)     # check_id -> the kind of inputs its probe draws, in words
     forbidden: set[str] = field(default_factory=set)
     module_names: set[str] = field(default_factory=set)
 
@@ -138,6 +139,7 @@ def load_exercise(path: Path, solutions_dir: Path | None = None) -> Exercise:
         module = load_probes(ex.probe_source, str(probe_file))
         probes = module["PROBES"]
         ex.judges = {c.check_id: probes[c.check_id]["judge"] for c in checks if c.check_id in probes}
+        ex.inputs = {c.check_id: str(probes[c.check_id].get("inputs", "")) for c in checks if c.check_id in probes}
         ex.forbidden = set(module.get("FORBIDDEN", set()))
         for c in checks:
             c.answer = probes.get(c.check_id, {}).get("answer")
@@ -174,7 +176,7 @@ def reference_values(ex: Exercise, seed: int) -> tuple[dict | None, str]:
 
 
 def _run_reference(ex: Exercise, seed: int) -> dict:
-    request = {"probes": ex.probe_source, "cells": solution_cells(ex.solution), "seed": seed,
+    request = {"probes": ex.probe_source, "cells": python_cells(solution_cells(ex.solution)), "seed": seed,
                "check_ids": [c.check_id for c in ex.checks if c.check_id in ex.judges]}
     with tempfile.TemporaryDirectory(prefix="grading-reference-") as tmp:
         env = dict(os.environ, TMPDIR=tmp, MPLBACKEND="Agg", COURSE_HEADLESS="1", PYTHONDONTWRITEBYTECODE="1")
@@ -193,7 +195,34 @@ def _run_reference(ex: Exercise, seed: int) -> dict:
             raise RuntimeError(f"the solution of {ex.name} fails the hidden probe {check.check_id!r}: "
                                f"{ref.get('error')}; fix the solution or {ex.probe_file}")
         ok, why = ex.judges[check.check_id](ref["value"], ref["value"], seed)
-        if not ok:
+        if ok is not True:
             raise RuntimeError(f"the probe {check.check_id!r} in {ex.probe_file} rejects the solution's own values "
                                f"(seed {seed}): {why}")
+        for empty in degenerate_values(ref["value"]):
+            if accepts(ex.judges[check.check_id], empty, ref["value"], seed):
+                raise RuntimeError(f"the probe {check.check_id!r} in {ex.probe_file} accepts the degenerate value "
+                                   f"{json.dumps(empty)[:80]}: a judge must check the whole contract")
     return values
+
+
+def accepts(judge, student, reference, seed: int) -> bool:
+    """Whether ``judge`` accepts ``student`` (a judge that raises rejects)."""
+    try:
+        ok, _ = judge(student, reference, seed)
+    except Exception:  # noqa: BLE001 - what the grader does with a judge that raises: the check fails
+        return False
+    return ok is True
+
+
+def degenerate_values(reference) -> list:
+    """Values no judge may accept (unless the solution's own value is one): nothing, empty, zero, truncated."""
+    out = [None, [], {}, 0, 0.0, "", True, False, "nan"]
+    if isinstance(reference, list) and len(reference) > 1:
+        out += [reference[:-1], reference[:1], reference + reference[-1:]]
+    if isinstance(reference, dict):
+        out += [{k: [] if isinstance(v, list) else None for k, v in reference.items()}]
+        for key in reference:
+            part = dict(reference)
+            part.pop(key)
+            out.append(part)
+    return [v for v in out if v != reference or type(v) is not type(reference)]

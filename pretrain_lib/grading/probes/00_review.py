@@ -128,3 +128,7 @@ for _cid, (_name, _rtol) in _NUMBERS.items():
     PROBES[_cid] = {"answer": _name, "run": _number(_name), "judge": _judge(_cid, lambda s, r, t=_rtol: close(s, r, t))}
 for _cid, _name in _LETTERS.items():
     PROBES[_cid] = {"answer": _name, "run": _letter(_name), "judge": _judge(_cid, equal)}
+
+for _cid, _probe in PROBES.items():
+    _probe["inputs"] = ("8 argument tuples drawn at random (the function called on each)" if _cid in _DRAWS
+                        else "the value you assigned")

@@ -25,11 +25,27 @@ def _mask_run(ns, seed, ctx):
     return {"inputs": inputs.tolist(), "labels": labels.tolist(), "unchanged": bool(torch.equal(x, before))}
 
 
-def _mask_stats(student, seed):
-    ids, vocab, specials, mask_id = _mask_setup(seed)
-    inputs, labels = student["inputs"], student["labels"]
+def _grid(value, rows, cols):
+    """``value`` as a rows x cols list of ints, or None."""
+    if not isinstance(value, list) or len(value) != rows:
+        return None
+    if any(not isinstance(r, list) or len(r) != cols for r in value):
+        return None
+    if any(not isinstance(x, int) or isinstance(x, bool) for r in value for x in r):
+        return None
+    return value
+
+
+def _mask_stats(student, ids, vocab, specials, mask_id):
+    """((selected share, [MASK] share, kept share), "") for one (inputs, labels) pair, or (None, why)."""
+    if not isinstance(student, dict):
+        return None, "mask_tokens did not return (inputs, labels)"
+    rows, cols = len(ids), len(ids[0])
+    inputs, labels = _grid(student.get("inputs"), rows, cols), _grid(student.get("labels"), rows, cols)
+    if inputs is None or labels is None:
+        return None, f"inputs and labels must be integer tensors of the input's shape ({rows} x {cols})"
     n_ord = n_sel = n_mask = n_keep = 0
-    for i, row in enumerate(ids.tolist()):
+    for i, row in enumerate(ids):
         for j, tok in enumerate(row):
             lab, inp = labels[i][j], inputs[i][j]
             ordinary = tok not in specials
@@ -43,25 +59,26 @@ def _mask_stats(student, seed):
                 n_mask += inp == mask_id
                 n_keep += inp == tok
                 if inp != mask_id and inp != tok and (inp in specials or not 0 <= inp < vocab):
-                    return None, f"a random replacement is a special token or out of the vocabulary ({inp})"
+                    return None, "a random replacement is a special token or out of the vocabulary"
             elif inp != tok:
-                return None, "an unselected position was changed"
+                return None, "an unselected position (label -100) was changed in inputs"
     if n_sel == 0:
-        return None, "no position was selected"
-    return (n_sel / n_ord, n_mask / n_sel, n_keep / n_sel), ""
+        return None, "no position was selected (every label is -100)"
+    return (n_sel / max(1, n_ord), n_mask / n_sel, n_keep / n_sel), ""
 
 
 def _mask_judge(student, reference, seed):
-    if not isinstance(student, dict) or not student.get("unchanged"):
+    if not isinstance(student, dict) or student.get("unchanged") is not True:
         return False, "input_ids was modified in place"
-    stats, why = _mask_stats(student, seed)
+    ids, vocab, specials, mask_id = _mask_setup(seed)
+    stats, why = _mask_stats(student, ids.tolist(), vocab, specials, mask_id)
     if stats is None:
         return False, why
     sel, mask, keep = stats
     for what, got, want, tol in (("selected", sel, 0.15, 0.015), ("[MASK] among selected", mask, 0.8, 0.04),
                                  ("kept among selected", keep, 0.1, 0.03)):
         if abs(got - want) > tol:
-            return False, f"{what}: {got:.1%} on fresh inputs, expected {want:.0%} ± {tol:.1%}"
+            return False, f"{what}: {got:.1%}, expected {want:.0%} ± {tol:.1%}"
     return True, ""
 
 
@@ -75,13 +92,17 @@ def _labels_run(ns, seed, ctx):
 
 
 def _labels_judge(student, reference, seed):
-    ids = _mask_setup(seed)[0][:6].tolist()
+    ids, vocab, specials, mask_id = _mask_setup(seed)
+    ids = ids[:6].tolist()
+    if not isinstance(student, list) or len(student) != 3:
+        return False, "mask_tokens was called 3 times but did not return 3 results"
+    for run in student:      # ~100 of ~700 ordinary positions: a share within 5 standard deviations of 15%
+        stats, why = _mask_stats(run, ids, vocab, specials, mask_id)
+        if stats is None:
+            return False, why
+        if not 0.08 <= stats[0] <= 0.22:
+            return False, f"selected {stats[0]:.1%} of the ordinary positions, expected about 15%"
     first, again, other = student
-    for i, row in enumerate(ids):
-        for j, tok in enumerate(row):
-            lab = first["labels"][i][j]
-            if lab != -100 and lab != tok:
-                return False, "labels must hold the original id at selected positions and -100 elsewhere"
     if first != again:
         return False, "the same generator seed gave different masks"
     if first == other:
@@ -121,11 +142,15 @@ def _clm_run(ns, seed, ctx):
     return out
 
 
+_BATCH = "a 128 x 128 batch of a random vocabulary (300-800 ids) with a [CLS] column, padding and 3-6 special ids"
 PROBES = {
-    "mask-tokens-proportions": {"answer": "mask_tokens", "run": _mask_run, "judge": _mask_judge},
-    "mask-tokens-labels-seeded": {"answer": "mask_tokens", "run": _labels_run, "judge": _labels_judge},
-    "mlm-loss": {"answer": "mlm_loss", "run": _mlm_run, "judge": lambda s, r, seed: close(s, r, 1e-5, 1e-6)},
-    "clm-loss": {"answer": "clm_loss", "run": _clm_run, "judge": lambda s, r, seed: close(s, r, 1e-5, 1e-6)},
+    "mask-tokens-proportions": {"answer": "mask_tokens", "run": _mask_run, "judge": _mask_judge, "inputs": _BATCH},
+    "mask-tokens-labels-seeded": {"answer": "mask_tokens", "run": _labels_run, "judge": _labels_judge,
+                                  "inputs": "6 rows of " + _BATCH[2:] + ", masked with seeds s, s and s + 1"},
+    "mlm-loss": {"answer": "mlm_loss", "run": _mlm_run, "judge": lambda s, r, seed: close(s, r, 1e-5, 1e-6),
+                 "inputs": "3 random (batch, seq, vocab) logits with about 40% of the labels kept"},
+    "clm-loss": {"answer": "clm_loss", "run": _clm_run, "judge": lambda s, r, seed: close(s, r, 1e-5, 1e-6),
+                 "inputs": "3 random (batch, seq, vocab) logits, each without and with an ignore_index"},
     "expected-masks-512": {"answer": "expected_masks_512", "run": lambda ns, seed, ctx: float(ns["expected_masks_512"]),
-                           "judge": lambda s, r, seed: close(s, r, 0, 0.01)},
+                           "judge": lambda s, r, seed: close(s, r, 0, 0.01), "inputs": "the number you assigned"},
 }

@@ -46,7 +46,14 @@ def _split_run(ns, seed, ctx):
 
 
 def _split_judge(student, reference, seed):
-    for (n, w, nw), case in zip(_split_cases(seed), student):
+    cases = _split_cases(seed)
+    if not isinstance(student, list) or len(student) != len(cases):
+        return False, f"returned {len(student) if isinstance(student, list) else 'no'} cases where {len(cases)} were run"
+    for (n, w, nw), case in zip(cases, student):
+        if not isinstance(case, list) or len(case) != w or any(not isinstance(r, list) or len(r) != nw for r in case):
+            return False, f"{n} windows on {w} ranks x {nw} workers: not one list per rank and worker"
+        if any(not isinstance(part, list) for per_rank in case for part in per_rank):
+            return False, f"{n} windows on {w} ranks x {nw} workers: a part is not a list of window indices"
         got = [i for per_rank in case for part in per_rank for i in part]
         if sorted(got) != list(range(n)):
             return False, f"{n} windows on {w} ranks x {nw} workers are not covered exactly once"
@@ -88,3 +95,15 @@ PROBES = {
                          "judge": equal},
     "dedup-code": {"answer": "exact_dedup", "run": _dedup_code, "judge": equal},
 }
+
+_INPUTS = {
+    "pack-small": "4 short lists of documents packed into blocks of 2-6 tokens",
+    "pack-random-documents": "60 random documents packed into blocks of 16-80 tokens, then a document too short "
+                             "for one block",
+    "split-covers-once": "4 random (windows, ranks, workers) triples, every rank and worker asked for its part",
+    "split-matches-library": "3 random window counts on 2 ranks x 2 workers",
+    "dedup-normalised": "random texts repeated with changed case, runs of spaces and tabs, and trailing newlines",
+    "dedup-code": "random texts holding code (newlines and indentation matter)",
+}
+for _cid, _text in _INPUTS.items():
+    PROBES[_cid]["inputs"] = _text

@@ -37,3 +37,11 @@ PROBES = {
     "rolling-zscore": {"answer": "my_spike_steps", "run": _spikes, "judge": equal},
     "mfu": {"answer": "my_mfu", "run": _mfu, "judge": lambda s, r, seed: close(s, r, 1e-9, 1e-15)},
 }
+
+_INPUTS = {
+    "fused-grad-norm": "5 random parameters, the last without a gradient",
+    "rolling-zscore": "a 260-step loss series with 4 spikes and one NaN, a random k and window",
+    "mfu": "5 random (FLOPs per token, tokens, seconds, peak FLOP/s) tuples",
+}
+for _cid, _text in _INPUTS.items():
+    PROBES[_cid]["inputs"] = _text

@@ -15,9 +15,24 @@ def flat(v):
     return [v]
 
 
+def shapes(v):
+    """The shapes of the tensors/arrays in a JSON value, in order (lists of numbers have none)."""
+    if isinstance(v, dict) and "values" in v:
+        return [v.get("shape")]
+    if isinstance(v, list):
+        return [s for item in v for s in shapes(item)]
+    if isinstance(v, dict):
+        return [s for k in sorted(v) for s in shapes(v[k])]
+    return []
+
+
 def close(student, reference, rtol=1e-6, atol=1e-9):
-    """(ok, message): every number within tolerance, same structure."""
+    """(ok, message): every number within tolerance, same count, same tensor shapes."""
+    if shapes(student) != shapes(reference):
+        return False, f"returned tensors of shapes {str(shapes(student))[:80]}, expected {str(shapes(reference))[:80]}"
     a, b = flat(student), flat(reference)
+    if not b:
+        return (not a), "returned values where none were expected"
     if len(a) != len(b):
         return False, f"returned {len(a)} numbers where {len(b)} were expected"
     for i, (x, y) in enumerate(zip(a, b)):
