@@ -253,12 +253,39 @@ def test_lr_range_test_finds_a_learning_rate_between_the_extremes_and_leaves_the
     assert len(result.lrs) == len(result.losses) < 60  # it diverged before the last step and stopped
     assert result.lrs[0] == pytest.approx(1e-5) and all(b > a for a, b in zip(result.lrs, result.lrs[1:]))
     assert 1e-5 < result.suggested_lr < 3.0
-    assert result.suggested_lr == pytest.approx(result.lr_at_min / 10)
+    assert result.suggested_lr == pytest.approx(result.lr_at_min / 3)
+    assert result.stopped_early and result.stop_lr == result.lrs[-1]
     assert min(result.losses) < result.losses[0] - 0.5  # somewhere in the sweep it really learned
     with pytest.raises(ValueError, match="min_lr"):
         lr_range_test(model, next_batch, clm_objective, min_lr=1.0, max_lr=0.1)
     with pytest.raises(TypeError, match="lr_schedule"):
         lr_range_test(model, next_batch, clm_objective, lr_schedule=lambda s: 1.0)
+
+
+def _synthetic_sweep():
+    """A range test's losses, made by hand: flat at 6 for 10 steps, a straight fall of 1/30 nat per
+    step to 5.0 at step 39, a plateau alternating 5.01 / 4.99 (steps 40-69) with one lone spike of
+    9.0 at step 45 (a bad batch the run recovers from), then a blow-up of +0.3 nat per step."""
+    losses = [6.0] * 10 + [6.0 - k / 30 for k in range(1, 31)] + [5.0 + 0.01 * (-1) ** k for k in range(30)]
+    losses += [5.0 + 0.3 * k for k in range(1, 11)]
+    losses[45] = 9.0
+    return losses
+
+
+def test_range_test_minimum_ignores_a_lone_spike_and_sits_at_the_start_of_the_floor():
+    from pretrain_lib.optim.range_test import centred_median, diverged, first_spike, floor_index
+    losses = _synthetic_sweep()
+    smooth = centred_median(losses, 5)
+    assert smooth[45] == pytest.approx(5.01)  # the median of 5 ignores the lone 9.0
+    assert first_spike(losses, 5) == 45       # 9.0 - 5.01 > half of the gain 6 - 4.99
+    # floor 4.99 (plateau medians), gain 1.01; first median within 5 % of the gain (<= 5.0405):
+    # step 38, whose window [5.100, 5.067, 5.033, 5.000, 5.010] has median 5.033 (step 37's is 5.067)
+    assert floor_index(losses, 5) == 38
+    # stop rule: the lone spike does not stop it; the blow-up does, within a few steps of its start
+    stops = [i for i in range(len(losses)) if diverged(losses[:i + 1], 5, 0.5)]
+    assert stops and 70 <= stops[0] <= 74, stops[:3]
+    assert not any(diverged(losses[:i + 1], 5, 0.5) for i in range(70))
+    assert diverged([6.0, 5.0, float("nan")], 5, 0.5)  # a non-finite loss stops at once
 
 
 def test_per_micro_step_hook_is_the_mean_of_micro_batch_means():

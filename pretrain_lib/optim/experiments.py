@@ -84,3 +84,42 @@ def course_gpt(vocab_size: int, *, d_model: int = 64, n_layers: int = 2, n_heads
     torch.manual_seed(seed)
     return GPT(ModelConfig(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, n_layers=n_layers,
                            max_seq_len=seq_len))
+
+
+def loss_spike(losses, window: int = 100) -> float:
+    """The largest rise of the training loss above its best value so far, within the first ``window`` steps."""
+    best, worst_rise = float("inf"), 0.0
+    for loss in list(losses)[:window]:
+        worst_rise = max(worst_rise, loss - best)
+        best = min(best, loss)
+    return worst_rise
+
+
+def unigram_cross_entropy(data: TokenData) -> float:
+    """Validation cross-entropy (nats/token) of the unigram model: each token predicted with its training
+    frequency (add-one smoothed), ignoring all context. A language model that has learned only which
+    tokens are common sits here."""
+    counts = torch.bincount(data.train, minlength=data.vocab_size).double() + 1.0
+    return float(-(counts / counts.sum()).log()[data.val].mean())
+
+
+def scheduled_run(data: TokenData, schedule: Callable[[int], float], steps: int, *, seed: int, d_model: int,
+                  n_layers: int, seq_len: int, batch_size: int, device: str = "auto", start_step: int = 0,
+                  model: torch.nn.Module | None = None, optimizer=None) -> dict:
+    """Train the seeded course GPT (or ``model``) with ``schedule`` for ``steps`` steps on seeded batches;
+    ``start_step`` offsets both the schedule and the batches (to continue a run from a checkpoint).
+    Returns the model, its optimiser, the validation loss, the training losses and gradient norms."""
+    from ..train import clm_objective, train
+    from .builder import build_optimizer
+
+    batches = window_batches(data.train, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    if model is None:
+        model = course_gpt(data.vocab_size, d_model=d_model, n_layers=n_layers, seq_len=seq_len, seed=seed)
+    if optimizer is None:
+        optimizer = build_optimizer(model, lr=schedule(start_step) or 1e-3)
+    hist = train(model, lambda i: batches(i + start_step), clm_objective, optimizer=optimizer, steps=steps,
+                 lr=max(schedule(start_step), 1e-12), lr_schedule=lambda s: schedule(s + start_step),
+                 device=device, progress=False, log_every=25)
+    val = validation_loss_fn(data.val, seq_len=seq_len)(model)
+    return {"model": model, "optimizer": optimizer, "val": val, "losses": hist.losses,
+            "grad_norms": hist.grad_norms}
