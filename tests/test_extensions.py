@@ -116,3 +116,13 @@ def test_redact_replaces_each_kind_once():
     text, counts = redact("mail a@b.org, call +45 33 12 34 56, host 10.0.0.1. To be.")
     assert counts == {"EMAIL": 1, "PHONE": 1, "IP": 1}
     assert "<EMAIL>" in text and "<PHONE>" in text and "<IP>" in text and text.endswith("To be.")
+
+
+def test_train_clm_is_a_function_of_its_seed():
+    from pretrain_lib.extensions.common import train_clm
+    tokens = torch.arange(400) % 7   # a periodic stream: easy to learn
+    config = ModelConfig(vocab_size=7, d_model=16, n_heads=2, n_layers=1, max_seq_len=8)
+    a, history = train_clm(tokens, config, steps=30, batch_size=4, lr=1e-2, seed=3, device="cpu")
+    b, _ = train_clm(tokens, config, steps=30, batch_size=4, lr=1e-2, seed=3, device="cpu")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert history.losses[-1] < history.losses[0] - 0.5

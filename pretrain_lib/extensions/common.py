@@ -43,3 +43,26 @@ def unigram_window_losses(train_tokens: torch.Tensor, windows: torch.Tensor, voc
     counts = torch.bincount(train_tokens.flatten(), minlength=vocab_size).double() + 1.0
     log_p = (counts / counts.sum()).log()
     return (-log_p[windows[:, 1:]]).mean(dim=1).float()
+
+
+def train_clm(tokens: torch.Tensor, config, *, steps: int, batch_size: int, lr: float, seed: int, device,
+              warmup_steps: int = 0, min_lr: float | None = None, desc: str = "train"):
+    """A course GPT initialised from ``seed`` and trained on random windows of ``tokens`` (their
+    order fixed by ``seed``), warmup then cosine decay to ``min_lr`` (``lr / 10`` by default).
+    Returns ``(model, history)``."""
+    from ..data.loader import random_windows
+    from ..model import GPT
+    from ..optim import cosine_lr
+    from ..train import clm_objective, train
+    from ..utils import seed_everything
+
+    seed_everything(seed)
+    model = GPT(config)
+    generator = torch.Generator().manual_seed(seed)
+    floor = lr / 10 if min_lr is None else min_lr
+    schedule = lambda step: cosine_lr(step, max_lr=lr, min_lr=floor, warmup_steps=warmup_steps,
+                                      cosine_steps=steps - 1)
+    history = train(model, lambda i: {"input_ids": random_windows(tokens, batch_size=batch_size,
+                                                                  seq_len=config.max_seq_len, generator=generator)},
+                    clm_objective, steps=steps, lr=lr, lr_schedule=schedule, device=device, seed=seed, desc=desc)
+    return model, history
