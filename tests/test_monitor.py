@@ -217,6 +217,81 @@ def test_rolling_zscore_by_hand():
         RollingZScore(window=1)
 
 
+def test_early_rule_by_hand_and_the_band_alone_is_blind_there():
+    # median of the first three values is 2.0, so 9.0 is 4.5 times it: above early_ratio=4, flagged and kept
+    # out of the history; 7.9 (3.95 times) is not. The band needs min_history=16 values and sees nothing here.
+    series = [2.0, 2.2, 1.8, 9.0, 7.9, 2.1]
+    assert rolling_spikes(series, early_ratio=4.0) == [3]
+    assert rolling_spikes(series) == []
+    detector = RollingZScore(early_ratio=4.0)
+    for x in series[:3]:
+        assert detector.update(x) == (False, pytest.approx(float("nan"), nan_ok=True))
+        assert detector.last_rule is None  # fewer than early_history=3 values: nothing to compare with
+    spike, _ = detector.update(9.0)
+    assert spike and detector.last_rule == "early" and detector.last_ratio == pytest.approx(4.5)
+    assert list(detector.values) == [2.0, 2.2, 1.8]
+    for x in [2.0] * 13:
+        detector.update(x)
+    detector.update(2.0)
+    assert detector.last_rule == "band"  # from min_history values on, the band judges
+    with pytest.raises(ValueError, match="early_ratio"):
+        RollingZScore(early_ratio=0.5)
+
+
+def test_monitor_early_rule_flags_a_gradient_blow_up_in_the_first_steps():
+    bad_step = 6  # long before the band's 16 values
+
+    def run(**kw):
+        model, calls = _gpt(), {"n": 0}
+
+        def blow_up(grad):
+            calls["n"] += 1
+            return grad * 50.0 if calls["n"] == bad_step else grad
+
+        model.backbone.blocks[0].mlp.up.weight.register_hook(blow_up)
+        monitor = Monitor(peak_flops=1e12, **kw)
+        _run(monitor, steps=10, log_every=5, model=model)
+        return monitor
+
+    found = [a for a in run().anomalies if a["kind"] == "grad_norm_spike"]
+    assert [(a["step"], a["rule"]) for a in found] == [(bad_step, "early")] and found[0]["ratio"] > 4.0
+    assert run(spike_early_ratio=None).anomalies == []  # the band alone is blind for its first 16 values
+
+
+def test_time_inside_exclude_time_is_left_out_of_tokens_per_second(monkeypatch):
+    from pretrain_lib.monitor import core as core_module
+
+    clock = {"t": 0.0}  # a fake clock for the monitor: a step takes 1 s, a mid-run plot 30 s
+    monkeypatch.setattr(core_module, "time", type("FakeTime", (), {"perf_counter": staticmethod(lambda: clock["t"])}))
+    monitor = Monitor(peak_flops=1e12)
+
+    class Tick:
+        def on_step(self, state):
+            clock["t"] += 1.0
+
+    class PlotMidRun:
+        def on_step(self, state):
+            if state.step == 7:
+                with monitor.exclude_time():
+                    clock["t"] += 30.0
+
+    train(_gpt(), _batches(_data()), clm_objective, steps=10, log_every=5, device="cpu", progress=False,
+          callbacks=[Tick(), monitor, PlotMidRun()])
+    # 4 rows of 16 tokens per step, 1 s per step: 64 tokens/s in both windows, the 30 s plot left out
+    assert [r["tokens_per_s"] for r in monitor.records] == pytest.approx([64.0, 64.0])
+    assert [r["excluded_s"] for r in monitor.records] == pytest.approx([0.0, 30.0])
+
+
+def test_an_old_state_without_the_early_rule_still_loads():
+    saved = Monitor().state_dict()
+    for key in ("loss_spikes", "grad_spikes"):
+        for field in ("early_ratio", "early_history"):
+            del saved[key][field]
+    restored = Monitor(spike_early_ratio=5.0)
+    restored.load_state_dict(saved)
+    assert restored.grad_spikes.early_ratio == 5.0
+
+
 # ----------------------------------------------------------------------------- update ratios, sinks, resume
 
 def test_update_to_weight_ratio_matches_the_weights_by_hand():
@@ -278,6 +353,11 @@ def test_plot_run_draws_a_running_log(tmp_path):
         f.write('{"step": 15, "loss"')  # a line still being written
     fig = plot_run(path)
     assert len(fig.axes) == 6 and fig.axes[0].get_title() == "Training loss"
+    norm_panel = fig.axes[2]
+    labels = [line.get_label() for line in norm_panel.get_lines()]
+    assert norm_panel.get_title() == "Global gradient norm" and "max over the window's steps" in labels
+    window_max = norm_panel.get_lines()[labels.index("max over the window's steps")].get_ydata()
+    assert list(window_max) == pytest.approx([r["grad_norm_max"] for r in read_jsonl(path)])
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s, MFU, sanity

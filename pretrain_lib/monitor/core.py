@@ -11,6 +11,7 @@ steps, so step 1 is the first update (``history.skipped_steps`` is 0-based: step
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -55,19 +56,25 @@ class Monitor:
     ``jsonl_path``: one JSON line per logged step (None: keep records in memory only, in
     ``.records``). ``log_every``: None follows ``TrainConfig.log_every``. ``spike_k`` and
     ``spike_window``: a value above mean + k·σ of its last ``window`` values is a spike.
-    ``flops_per_token``: None asks the model (``model.flops_per_token(seq_len)``, the
+    ``spike_min_history``: values the band needs before it judges; before that, from
+    ``spike_early_history`` values on, a value above ``spike_early_ratio`` × the median of the
+    values so far is a spike (the early rule: warmup and learning-rate failures strike in the
+    first steps; None turns it off). ``flops_per_token``: None asks the model (``model.flops_per_token(seq_len)``, the
     library's one FLOP count). ``peak_flops``: None looks the device up
     (:func:`pretrain_lib.monitor.peak_flops`; measured on the CPU).
     ``explode_factor``: a layer's norm is "exploding" when it is a spike *and* this many times
     its window's mean. ``vanish_ratio``: a layer is "vanishing" when its norm falls below this
     share of the global norm. ``warmup_steps``: a learning rate of 0 after this step is "dead".
     ``.anomalies`` lists dicts with ``step``, ``kind``, ``value`` and ``layer`` where it applies.
+    Each record's ``excluded_s`` is the time of its window left out of tokens/s (evaluations,
+    log writing and drawing, and blocks run inside :meth:`exclude_time`).
     """
 
     def __init__(self, jsonl_path: str | Path | None = None, *, log_every: int | None = None,
                  tensorboard_dir: str | Path | None = None, live: bool = False, spike_k: float = 6.0,
                  spike_window: int = 128, progress: bool = False, flops_per_token: float | None = None,
                  peak_flops: float | None = None, seq_len: int | None = None, spike_min_history: int = 16,
+                 spike_early_ratio: float | None = 4.0, spike_early_history: int = 3,
                  vanish_ratio: float = 1e-4, explode_factor: float = 3.0, warmup_steps: int = 1,
                  smoothing: float = 0.9,
                  update_ratios: bool = True, live_every: int = 1, live_figure: str = "monitor_dashboard"):
@@ -90,11 +97,12 @@ class Monitor:
             self.peak_source = "given"
         self.seq_len = seq_len
         self.spike_k, self.spike_window, self.spike_min_history = spike_k, spike_window, spike_min_history
+        self.spike_early_ratio, self.spike_early_history = spike_early_ratio, spike_early_history
         self.vanish_ratio, self.warmup_steps, self.smoothing = vanish_ratio, warmup_steps, smoothing
         self.explode_factor = explode_factor
         self.update_ratios = update_ratios
-        self.loss_spikes = RollingZScore(spike_k, spike_window, spike_min_history)
-        self.grad_spikes = RollingZScore(spike_k, spike_window, spike_min_history)
+        self.loss_spikes = self._detector()
+        self.grad_spikes = self._detector()
         self.layer_spikes: dict[str, RollingZScore] = {}
         self.records: list[dict] = []
         self.anomalies: list[dict] = []
@@ -106,6 +114,7 @@ class Monitor:
         self._pending: list[tuple[int, float, Any, torch.Tensor | None]] = []
         self._snapshot: list[torch.Tensor] | None = None
         self._held: dict | None = None
+        self._excluded = 0.0  # seconds of the current window that are not training (evaluations, plots)
 
     # ------------------------------------------------------------------ engine hooks
 
@@ -174,7 +183,7 @@ class Monitor:
         self.grad_spikes.load_state_dict(state["grad_spikes"])
         self.layer_spikes = {}
         for name, s in state["layer_spikes"].items():
-            self.layer_spikes[name] = RollingZScore(self.spike_k, self.spike_window, self.spike_min_history)
+            self.layer_spikes[name] = self._detector()
             self.layer_spikes[name].load_state_dict(s)
         self._ema, self._ema_steps = float(state["ema"]), int(state["ema_steps"])
         self._vanishing = set(state["vanishing"])
@@ -182,7 +191,35 @@ class Monitor:
         self.anomalies = [dict(a) for a in state["anomalies"]]
         self._resumed = True
 
+    # ------------------------------------------------------------------ other callbacks' time
+
+    @contextlib.contextmanager
+    def exclude_time(self):
+        """Time spent inside this block is not training time: tokens/s and the data share of
+        the current window leave it out (a plot drawn mid-run, a checkpoint written by
+        another callback), as they leave out evaluations."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._started:
+                self._excluded += time.perf_counter() - start
+
     # ------------------------------------------------------------------ internals
+
+    def _detector(self) -> RollingZScore:
+        return RollingZScore(self.spike_k, self.spike_window, self.spike_min_history,
+                             early_ratio=self.spike_early_ratio, early_history=self.spike_early_history)
+
+    @staticmethod
+    def _spike(step: int, kind: str, value: float, z: float, detector: RollingZScore) -> dict:
+        """An anomaly record: ``rule`` is ``"band"`` (with ``z``, in σ above the mean) or ``"early"``
+        (with ``ratio``, the value over the median of the few values before it)."""
+        found = {"step": step, "kind": kind, "value": value, "z": z, "rule": detector.last_rule}
+        if detector.last_rule == "early":
+            found["ratio"] = detector.last_ratio
+        return found
+
 
     def _start(self, state) -> None:
         self._started = True
@@ -276,19 +313,18 @@ class Monitor:
                                       ("grad_norm_spike", self.grad_spikes, norm)):
             spike, z = detector.update(value)
             if spike:
-                found.append({"step": step, "kind": kind, "value": value, "z": z})
+                found.append(self._spike(step, kind, value, z, detector))
         if math.isfinite(norm):
             for name, value in zip(self._index.names, layer_row):
                 if not math.isfinite(value):
                     continue
-                detector = self.layer_spikes.setdefault(
-                    name, RollingZScore(self.spike_k, self.spike_window, self.spike_min_history))
+                detector = self.layer_spikes.get(name) or self.layer_spikes.setdefault(name, self._detector())
                 history = list(detector.values)
                 spike, z = detector.update(value)
                 # a layer "explodes" when it is both far outside its band and several times its usual size:
                 # small layers (position embeddings, norms) have narrow bands that noise alone can leave
                 if spike and value > self.explode_factor * sum(history) / len(history):
-                    found.append({"step": step, "kind": "layer_exploding", "layer": name, "value": value, "z": z})
+                    found.append({**self._spike(step, "layer_exploding", value, z, detector), "layer": name})
                 vanishing = value <= self.vanish_ratio * norm
                 if vanishing and name not in self._vanishing:
                     found.append({"step": step, "kind": "layer_vanishing", "layer": name, "value": value,
@@ -327,6 +363,7 @@ class Monitor:
             "mfu": compute_mfu(self.flops_per_token, tokens_per_s, self.peak_flops) if flops_per_s else None,
             "tokens_seen": state.tokens_seen, "data_share": data / seconds if seconds > 0 else None,
             "skipped_steps": skipped, "elapsed_s": now - self._t0,
+            "excluded_s": self._excluded if self._window is not None else 0.0,
             **self._memory(),
             "layer_grad_norms": dict(zip(self._index.names, layer_rows[-1])),
         }
@@ -363,6 +400,7 @@ class Monitor:
             self._emit(record)
 
     def _emit(self, record: dict) -> None:
+        start = time.perf_counter()
         record = _jsonable(record)
         self.records.append(record)
         if self._file is not None:
@@ -372,6 +410,7 @@ class Monitor:
             self._to_tensorboard(record)
         if self.live and "loss" in record:
             self.live_view.update(self.records, self.anomalies)
+        self._excluded += time.perf_counter() - start  # writing and drawing the log is not training time
 
     def _to_tensorboard(self, record: dict) -> None:
         step = record["step"]

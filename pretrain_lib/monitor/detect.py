@@ -1,12 +1,21 @@
 """Anomaly detectors on host values, and the two sanity checks every run should pass.
 
-A *spike* is a value above ``mean + k·σ`` of the last ``window`` accepted values (OLMo-core's
-rule, with k = 6 and a window of 128 by default). Flagged and non-finite values are kept out
-of the window, so one blow-up does not widen the band that should catch the next one.
+A *spike* is a value far above the recent history ``H`` of accepted values. Two rules:
+
+- **the band** (once ``|H| >= min_history``): ``x > mean(H) + k·σ(H)`` over the last ``window``
+  accepted values (OLMo-core's rule, with k = 6 and a window of 128 by default);
+- **the early rule** (before that, once ``|H| >= early_history``, when ``early_ratio`` is set):
+  ``x > early_ratio · median(H)``. A band from a handful of points means nothing, yet warmup
+  and learning-rate failures strike in the first steps; a ratio to the median of even three
+  values catches a blow-up there, and the median is not moved by one odd value among them.
+
+Flagged and non-finite values are kept out of the history, so one blow-up does not widen the
+band that should catch the next one.
 """
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from typing import Callable, Iterable
 
@@ -17,20 +26,33 @@ import torch.nn as nn
 class RollingZScore:
     """Flags values above ``mean + k·std`` of the previous ``window`` accepted values.
 
-    Nothing is flagged until ``min_history`` values have been seen (a band from three
-    points means nothing). ``update(x)`` returns ``(is_spike, z)`` where ``z`` is how many
-    standard deviations ``x`` lies above the mean (``nan`` before ``min_history``).
+    The band needs ``min_history`` values (a band from three points means nothing). Before
+    that the detector is blind unless ``early_ratio`` is given: then, from ``early_history``
+    accepted values on, a value above ``early_ratio × median`` of the history is a spike.
+    ``update(x)`` returns ``(is_spike, z)`` where ``z`` is how many standard deviations ``x``
+    lies above the mean (``nan`` before ``min_history``); ``last_rule`` says which rule
+    judged the last value (``"band"``, ``"early"`` or ``None`` when none could) and
+    ``last_ratio`` is ``x / median(H)`` under the early rule.
     """
 
-    def __init__(self, k: float = 6.0, window: int = 128, min_history: int = 16):
+    def __init__(self, k: float = 6.0, window: int = 128, min_history: int = 16, *,
+                 early_ratio: float | None = None, early_history: int = 3):
         if not k > 0:
             raise ValueError(f"k must be positive, got {k!r}")
         if not isinstance(window, int) or window < 2:
             raise ValueError(f"window must be an integer of at least 2, got {window!r}")
         if not isinstance(min_history, int) or not 2 <= min_history <= window:
             raise ValueError(f"min_history must be an integer in [2, window={window}], got {min_history!r}")
+        if early_ratio is not None and not early_ratio > 1:
+            raise ValueError(f"early_ratio must be above 1 (or None: no early rule), got {early_ratio!r}")
+        if not isinstance(early_history, int) or not 1 <= early_history <= min_history:
+            raise ValueError(f"early_history must be an integer in [1, min_history={min_history}], "
+                             f"got {early_history!r}")
         self.k, self.window, self.min_history = float(k), window, min_history
+        self.early_ratio, self.early_history = early_ratio, early_history
         self.values: deque[float] = deque(maxlen=window)
+        self.last_rule: str | None = None
+        self.last_ratio = float("nan")
 
     def zscore(self, x: float) -> float:
         if len(self.values) < self.min_history:
@@ -42,27 +64,42 @@ class RollingZScore:
         return (x - mean) / max(std, 1e-12 * max(abs(mean), 1.0))
 
     def update(self, x: float) -> tuple[bool, float]:
+        self.last_rule, self.last_ratio = None, float("nan")
         if not math.isfinite(x):
             return False, float("nan")  # non-finite values are their own anomaly, never "history"
         z = self.zscore(x)
-        spike = z > self.k
+        if len(self.values) >= self.min_history:
+            self.last_rule = "band"
+            spike = z > self.k
+        elif self.early_ratio is not None and len(self.values) >= self.early_history:
+            median = statistics.median(self.values)
+            self.last_rule = "early"
+            self.last_ratio = x / median if median > 0 else float("inf")
+            spike = median > 0 and x > self.early_ratio * median
+        else:
+            spike = False
         if not spike:
             self.values.append(x)
         return spike, z
 
     def state_dict(self) -> dict:
-        return {"k": self.k, "window": self.window, "min_history": self.min_history, "values": list(self.values)}
+        return {"k": self.k, "window": self.window, "min_history": self.min_history, "values": list(self.values),
+                "early_ratio": self.early_ratio, "early_history": self.early_history}
 
     def load_state_dict(self, state: dict) -> None:
         if state["window"] != self.window:
             raise ValueError(f"saved window {state['window']} differs from this detector's {self.window}")
         self.k, self.min_history = float(state["k"]), int(state["min_history"])
+        # a state saved before the early rule existed keeps this detector's own setting
+        self.early_ratio = state.get("early_ratio", self.early_ratio)
+        self.early_history = int(state.get("early_history", self.early_history))
         self.values = deque((float(v) for v in state["values"]), maxlen=self.window)
 
 
-def rolling_spikes(values: Iterable[float], k: float = 6.0, window: int = 128, min_history: int = 16) -> list[int]:
+def rolling_spikes(values: Iterable[float], k: float = 6.0, window: int = 128, min_history: int = 16, *,
+                   early_ratio: float | None = None, early_history: int = 3) -> list[int]:
     """Indices of the values :class:`RollingZScore` flags, for a whole series at once."""
-    detector = RollingZScore(k, window, min_history)
+    detector = RollingZScore(k, window, min_history, early_ratio=early_ratio, early_history=early_history)
     return [i for i, v in enumerate(values) if detector.update(float(v))[0]]
 
 

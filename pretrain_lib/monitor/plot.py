@@ -1,4 +1,5 @@
-"""The standard dashboard of a run (loss, LR, gradient norm, tokens/s, MFU, anomalies marked),
+"""The standard dashboard of a run (loss, LR, gradient norm at the logged step and its maximum over
+each logged window, tokens/s, MFU, anomalies marked),
 drawn from a monitor's records or its JSONL file, and the live notebook view built on it."""
 from __future__ import annotations
 
@@ -28,7 +29,13 @@ def plot_records(records: list[dict], anomalies: list[dict] | None = None, *, ti
         steps, values = _series(records, key)
         if key in ("mfu", "data_share"):
             values = [100.0 * v for v in values]
-        ax.plot(steps, values, lw=1.2, label=key)
+        ax.plot(steps, values, lw=1.2, label="at the logged step" if key == "grad_norm" else key)
+        if key == "grad_norm":
+            # the logged value is one step in log_every: a spike between two logged steps only shows in the
+            # window's maximum, which the monitor computes over every step it read back
+            s, v = _series(records, "grad_norm_max")
+            ax.plot(s, v, lw=1.2, ls="--", color="tab:orange", label="max over the window's steps")
+            values = values + v
         if key == "loss":
             s, v = _series(records, "loss_smooth")
             ax.plot(s, v, lw=1.5, label="smoothed")
@@ -43,7 +50,7 @@ def plot_records(records: list[dict], anomalies: list[dict] | None = None, *, ti
                            else None)
             if key == "grad_norm" and values and min(values) > 0:
                 ax.set_yscale("log")
-            if key == "grad_norm" and marked:
+            if key == "grad_norm":
                 ax.legend(fontsize=8)
         ax.set_title(name)
         ax.set_xlabel("optimiser step")
