@@ -296,3 +296,58 @@ def ul2_objective(denoisers: dict[str, tuple[float, Callable]], *, seed: int = 0
         return denoisers[name][1](model, batch)
     objective.counts = {n: 0 for n in names}
     return objective
+
+
+# ----------------------------------------------------------------------------- per-example scores
+# Lessons compare objectives on held-out text and measure the noise of each comparison with a
+# bootstrap over the scored units (masked positions, windows). These return one value per unit.
+
+@torch.no_grad()
+def masked_position_scores(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *,
+                           device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Score ``model`` at every scored position of ``batches`` of ``(inputs, labels, scored)``.
+
+    ``scored`` ``(batch, seq)`` bool picks the positions (e.g. those shown as ``[MASK]``).
+    Returns 1-D CPU tensors over those positions, in order: ``loss`` (nats, ``-log p`` of the
+    label), ``rank`` (how many tokens score strictly higher than the label: 0 means the top
+    guess is right, ``< k`` means the label is in the top k) and ``top`` (the top guess).
+    """
+    out: dict[str, list[torch.Tensor]] = {"loss": [], "rank": [], "top": []}
+    for inputs, labels, scored in batches:
+        log_probs = model.eval()(inputs.to(device)).float().log_softmax(-1).cpu()[scored]
+        target = labels[scored]
+        true = log_probs.gather(-1, target[:, None])
+        out["loss"].append(-true[:, 0])
+        out["rank"].append((log_probs > true).sum(-1))
+        out["top"].append(log_probs.argmax(-1))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def per_window_clm_loss(model, windows: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Next-token loss of a causal ``model`` for each row of each ``(batch, seq)`` window
+    tensor: a 1-D CPU tensor with one mean loss (nats/token) per row."""
+    losses = []
+    for window in windows:
+        logits = model.eval()(window).float()[:, :-1]
+        per_token = F.cross_entropy(logits.transpose(1, 2), window[:, 1:], reduction="none")
+        losses.append(per_token.mean(1).cpu())
+    return torch.cat(losses)
+
+
+@torch.no_grad()
+def prefix_lm_row_scores(model, example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-row scores of a causal ``model`` on an example from the builders above (span
+    corruption, prefix LM, or any ``input_ids``/``labels``/``prefix_len`` dict).
+
+    Returns CPU tensors: ``loss`` ``(batch,)``, each row's mean loss over its labelled targets
+    (nats/token, the per-row version of :func:`prefix_lm_loss`); ``correct`` and ``scored``
+    ``(batch, seq - 1)`` bool, whether the top guess equals the target at each labelled target
+    position (aligned with ``labels[:, 1:]``), so a caller can score a subset of the targets.
+    """
+    logits = model.eval()(example["input_ids"], prefix_len=example["prefix_len"]).float()[:, :-1]
+    labels = example["labels"][:, 1:]
+    scored = labels != IGNORE_INDEX
+    per_token = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * scored
+    return {"loss": (per_token.sum(1) / scored.sum(1).clamp(min=1)).cpu(),
+            "correct": ((logits.argmax(-1) == labels) & scored).cpu(), "scored": scored.cpu()}

@@ -104,3 +104,22 @@ def test_objectives_train_through_the_engine_and_ul2_mixes():
     assert int(n) == 4 * (n_noise + n_spans) and torch.isfinite(result.loss)
     with pytest.raises(ValueError, match="weights"):
         ul2_objective({"R": (0.0, span)})
+
+
+def test_prefix_lm_row_scores_match_prefix_lm_loss_row_by_row():
+    from pretrain_lib.model import GPT, ModelConfig
+    from pretrain_lib.objectives import prefix_lm_example, prefix_lm_loss, prefix_lm_row_scores
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, max_seq_len=12)).eval()
+    ids = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(1))
+    example = prefix_lm_example(ids, generator=torch.Generator().manual_seed(2))
+    rows = prefix_lm_row_scores(model, example)
+    for r in range(3):
+        one = {k: v[r:r + 1] for k, v in example.items()}
+        assert rows["loss"][r].item() == pytest.approx(prefix_lm_loss(model, one)[0].item(), rel=1e-5)
+    # scored positions are exactly the labelled targets; correct only where scored
+    assert torch.equal(rows["scored"], example["labels"][:, 1:] != -100)
+    assert not (rows["correct"] & ~rows["scored"]).any()
+    with torch.no_grad():
+        top = model(example["input_ids"], prefix_len=example["prefix_len"])[:, :-1].argmax(-1)
+    assert torch.equal(rows["correct"], (top == example["labels"][:, 1:]) & rows["scored"])

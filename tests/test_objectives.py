@@ -134,3 +134,40 @@ def test_loss_shape_errors():
         clm_loss(torch.randn(2, 1, 9), torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="disagree"):
         mlm_loss(torch.randn(2, 5, 9), torch.zeros(3, 5, dtype=torch.long))
+
+
+class _FixedLogits(torch.nn.Module):
+    """A 'model' that returns the same logits whatever the input (shape (batch, seq, vocab))."""
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, ids, attention_mask=None):
+        return self.logits[: ids.size(0), : ids.size(1)]
+
+
+def test_masked_position_scores_match_cross_entropy_and_a_hand_rank():
+    from pretrain_lib.objectives import masked_position_scores
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, 2.0]]])   # (1, 2, 4)
+    labels = torch.tensor([[2, 3]])
+    scored = torch.tensor([[True, True]])
+    out = masked_position_scores(_FixedLogits(logits), [(torch.zeros(1, 2, dtype=torch.long), labels, scored)])
+    reference = F.cross_entropy(logits[0], labels[0], reduction="none")
+    assert torch.allclose(out["loss"], reference)
+    assert out["rank"].tolist() == [2, 1]        # label 2 is beaten by tokens 0 and 1; label 3 by token 1
+    assert out["top"].tolist() == [0, 1]
+    unscored = masked_position_scores(_FixedLogits(logits), [(torch.zeros(1, 2, dtype=torch.long), labels,
+                                                              torch.tensor([[False, True]]))])
+    assert unscored["rank"].tolist() == [1]
+
+
+def test_per_window_clm_loss_averages_to_clm_loss():
+    from pretrain_lib.objectives import per_window_clm_loss
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g)
+    windows = torch.randint(0, 11, (3, 6), generator=g)
+    per_row = per_window_clm_loss(_FixedLogits(logits), [windows])
+    assert per_row.shape == (3,)
+    assert per_row.mean().item() == pytest.approx(clm_loss(logits, windows).item(), rel=1e-6)
+    by_hand = F.cross_entropy(logits[1, :-1], windows[1, 1:]).item()
+    assert per_row[1].item() == pytest.approx(by_hand, rel=1e-6)
