@@ -16,9 +16,10 @@ from pretrain_lib.distributed.collectives import parse_size
 from pretrain_lib.distributed.comm_model import (Layout, fit_latency_bandwidth, ring_rounds, ring_seconds,
                                                  ring_traffic_factor, step_communication, tensor_parallel_bytes)
 from pretrain_lib.distributed.launch import LaunchTimeoutError, RankFailedError, run_torchrun, torchrun_command
-from pretrain_lib.distributed.pipeline_schedules import (bubble_fraction, bubble_theory, gpipe_order, layer_placement,
-                                                         one_f_one_b_order, placement_crossings, simulate_schedule,
-                                                         stage_layers)
+from pretrain_lib.distributed.pipeline_bubble import idle_accounting, message_delays
+from pretrain_lib.distributed.pipeline_schedules import (bubble_fraction, bubble_theory, gpipe_bubble, gpipe_order,
+                                                         layer_placement, one_f_one_b_order, placement_crossings,
+                                                         replay_schedule, simulate_schedule, stage_layers)
 from pretrain_lib.distributed.process_group import setup
 from pretrain_lib.distributed.reference import global_batch
 from pretrain_lib.distributed.tensor_parallel import column_parallel_linear
@@ -104,6 +105,31 @@ def test_pipeline_orders_and_bubble():
         layer_placement(4, 2, "random")
     with pytest.raises(ValueError, match="at least 3 layers"):
         stage_layers(2, 3)
+
+
+def test_unequal_stages_and_message_delays_by_hand():
+    # p = 2, m = 2, stage 1 twice as slow. Stage 0: F0 [0,1] F1 [1,2]; stage 1: F0 [1,3] F1 [3,5] B1 [5,7] B0 [7,9];
+    # stage 0: B1 [7,8] B0 [9,10]. Step 10, busy 4 and 8: idle 0.6 and 0.2, mean 0.4
+    orders = [gpipe_order(2, s, 2) for s in range(2)]
+    assert replay_schedule(orders, [1.0, 2.0], [1.0, 2.0]) == pytest.approx((0.4, 10.0))
+    assert gpipe_bubble([1.0, 2.0], [1.0, 2.0], 2) == pytest.approx(0.4)
+    # one micro-batch, f = b = 1, each message 0.5 s: F [0,1], F [1.5,2.5], B [2.5,3.5], B [4,5]: idle 3/5 each
+    one = [gpipe_order(1, s, 2) for s in range(2)]
+    assert replay_schedule(one, [1.0, 1.0], [1.0, 1.0], message_s=0.5) == pytest.approx((0.6, 5.0))
+    for p, m in [(2, 1), (3, 4), (4, 8)]:  # equal stages: the closed form is the textbook formula
+        assert gpipe_bubble([1.0] * p, [2.0] * p, m) == pytest.approx(bubble_theory(p, m))
+
+
+def test_idle_accounting_adds_up_to_the_window():
+    # a hand-made trace, p = 2, m = 1, window [0, 10] on both stages: stage 0 F [0,1] B [6,7];
+    # stage 1 F [2,3] (its input ended at 1: 1 s waiting for compute, 1 s hand-off) B [3,5]
+    spans = [[("F", 0, 0.0, 1.0), ("B", 0, 6.0, 7.0)], [("F", 0, 2.0, 3.0), ("B", 0, 3.0, 5.0)]]
+    acc = idle_accounting(spans, 2, [10.0, 10.0], [0.0, 0.0])
+    assert acc[1] == pytest.approx({"compute": 3.0, "schedule": 1.0 + 5.0, "hand_off": 1.0})
+    # stage 0: B waits from 1 to 5 for stage 1's backward (schedule), 1 s hand-off, then 3 s after its last op
+    assert acc[0] == pytest.approx({"compute": 2.0, "schedule": 4.0 + 3.0, "hand_off": 1.0})
+    assert all(sum(a.values()) == pytest.approx(10.0) for a in acc)
+    assert message_delays(spans, 2) == pytest.approx([1.0, 1.0])
 
 
 def test_column_parallel_pieces_concatenate_to_full_output():
@@ -236,6 +262,10 @@ def test_pipeline_parallel_equals_single_process(tmp_path):
     assert b[4]["simulated"] < b[1]["simulated"]
     # measured over the common step window, a serial pass (m = 1) idles at least (p - 1) / p
     assert b[1]["measured"] >= 0.5 - 0.02
+    for row in b.values():  # the window splits exactly into compute, waiting for the other stage, and hand-off
+        assert sum(row["window_shares"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert row["closed_form"] == pytest.approx(row["simulated"], abs=1e-9)
+        assert len(row["step_seconds"]) == 2
 
 
 @torchrun
@@ -247,6 +277,10 @@ def test_collectives_results_and_rank_failure(tmp_path):
     assert {r["op"] for r in m["results"]} == {"all_reduce", "all_gather", "reduce_scatter"}
     assert all(r["seconds"] > 0 and math.isfinite(r["busbw_GBps"]) for r in m["results"])
     assert all(r["seconds_min"] <= r["seconds"] <= r["seconds_max"] and r["iters"] == 2 for r in m["results"])
+    # bytes counted on the sockets: a ring all-reduce sends 2(p-1)/p = 1x the buffer per rank on 2 ranks (+ headers)
+    ar = next(r for r in m["results"] if r["op"] == "all_reduce" and r["bytes"] == 65536)
+    if ar["bytes_sent_per_rank"] is not None:  # Linux's /proc/self/io
+        assert all(65536 <= b <= 1.02 * 65536 for b in ar["bytes_sent_per_rank"])
     with pytest.raises(RankFailedError, match="rank 1") as info:
         run_torchrun("pretrain_lib.distributed.collectives", args=["--sizes", "1KB", "--fault", "raise"],
                      run_dir=tmp_path / "fail", stream=False, timeout_s=120)

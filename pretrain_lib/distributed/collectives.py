@@ -7,6 +7,13 @@ rank: 2(p-1)/p for all-reduce and (p-1)/p for all-gather and reduce-scatter (Tha
 2005; ``comm_model.ring_traffic_factor``), so it can be compared with the link's bandwidth.
 Each result is also checked against the value one process computes from every rank's input
 (``max_abs_diff_vs_single``).
+
+Bytes are counted, not inferred: on Linux ``/proc/self/io`` counts the bytes a process hands to
+write-like system calls (``wchar``), and gloo sends every message through a socket, so the change
+of ``wchar`` around ``--count-calls`` calls is what this rank put on the wire per call
+(``bytes_sent_per_rank``: one number per rank; ``None`` where ``/proc`` is missing). Unlike a
+time, a count does not depend on what else runs on the machine. (NCCL on GPUs does not go
+through sockets inside a node, so there the count is ``None``.)
 """
 from __future__ import annotations
 
@@ -88,12 +95,69 @@ def time_op(op: str, n: int, world: int, device: torch.device, iters: int, warmu
     return times
 
 
+def time_sizes(op: str, ns: list[int], world: int, device: torch.device, iters: int, warmup: int = 3) -> dict[int, list[float]]:
+    """Like :func:`time_op` for several sizes at once, the sizes taking turns call by call (the order
+    reversed every other round), so a burst of load from other programs slows every size alike."""
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    bufs = {n: (torch.ones(n, device=device),
+                torch.empty(n * world if op == "all_gather" else max(n // world, 1), device=device)) for n in ns}
+    times: dict[int, list[float]] = {n: [] for n in ns}
+    for i in range(warmup + iters):
+        for n in (ns if i % 2 == 0 else ns[::-1]):
+            x, out = bufs[n]
+            dist.barrier()
+            wait_for_device(device)
+            t0 = time.perf_counter()
+            if op == "all_reduce":
+                dist.all_reduce(x)
+            elif op == "all_gather":
+                _all_gather(out, x)
+            else:
+                _reduce_scatter(out, x)
+            wait_for_device(device)
+            if i >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def bytes_written() -> int | None:
+    """This process's ``wchar`` (bytes handed to write-like system calls so far), or None without /proc."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def count_bytes_sent(op: str, n: int, world: int, device: torch.device, calls: int = 2) -> float | None:
+    """Bytes this rank writes to its sockets per call of ``op`` on ``n`` float32 numbers (mean of ``calls``)."""
+    if device.type != "cpu":
+        return None
+    x = torch.ones(n, device=device)
+    out = torch.empty(n * world if op == "all_gather" else max(n // world, 1), device=device)
+    fn = {"all_reduce": lambda: dist.all_reduce(x), "all_gather": lambda: _all_gather(out, x),
+          "reduce_scatter": lambda: _reduce_scatter(out, x)}[op]
+    fn()  # connection set-up is not part of a call's traffic
+    dist.barrier()
+    before = bytes_written()
+    for _ in range(calls):
+        fn()
+    after = bytes_written()
+    dist.barrier()
+    return None if before is None or after is None else (after - before) / calls
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser("Bandwidth of all-reduce, all-gather and reduce-scatter against the ring cost model.")
     parser.add_argument("--sizes", default="1KB,16KB,256KB,1MB,4MB,16MB,64MB", help="bytes per rank's input")
     parser.add_argument("--ops", default="all_reduce,all_gather,reduce_scatter")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per size (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing each size")
+    parser.add_argument("--count-calls", type=int, default=2, help="calls whose socket bytes are counted per size")
     args = parser.parse_args(argv)
     ctx = setup(args.init_timeout)
     inject_fault(args, ctx)
@@ -105,16 +169,23 @@ def main(argv: list[str] | None = None) -> None:
         got, want = run_op(op, 64 * p, ctx.rank, p, ctx.device)
         worst = max(worst, float((got - want).abs().max()))
     rows = []
+    ns = []
+    for size in sizes:
+        n = max(size // 4, p)
+        ns.append(n - n % p)
     for op in ops:
-        for size in sizes:
-            n = max(size // 4, p)
-            n -= n % p
-            times = sorted(time_op(op, n, p, ctx.device, args.iters, args.warmup))
+        timed = time_sizes(op, ns, p, ctx.device, args.iters, args.warmup)
+        for n in ns:
+            times = sorted(timed[n])
             seconds = times[len(times) // 2]
             algbw = n * 4 / seconds
+            sent = count_bytes_sent(op, n, p, ctx.device, args.count_calls)
+            per_rank = [None] * p
+            dist.all_gather_object(per_rank, sent)
             rows.append({"op": op, "bytes": n * 4, "seconds": seconds, "seconds_min": times[0],
                          "seconds_max": times[-1], "iters": len(times), "algbw_GBps": algbw / 1e9,
-                         "busbw_GBps": algbw * ring_traffic_factor(op, p) / 1e9})
+                         "busbw_GBps": algbw * ring_traffic_factor(op, p) / 1e9, "times": times,
+                         "bytes_sent_per_rank": None if None in per_rank else per_rank})
     if ctx.is_main:
         write_metrics(args.out, {"strategy": "collectives", "world_size": p, "backend": ctx.backend,
                                  "device": str(ctx.device), "max_abs_diff_vs_single": worst, "results": rows})

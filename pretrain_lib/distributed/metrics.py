@@ -89,11 +89,11 @@ def variant_record(*, losses: list[float], bytes_per_step: float | None, seconds
 
 
 def write_metrics(out: Path | None, metrics: dict) -> None:
-    """Rank 0 writes ``metrics`` to ``out/metrics.json`` (and prints a one-line summary)."""
+    """Rank 0 writes ``metrics`` to ``out/metrics.json`` (silently: the folder is a temporary one, and a
+    notebook's output shows no machine paths; ``run_torchrun`` returns the metrics and the folder)."""
     if out is None:
         print(json.dumps(metrics, indent=1, default=float))
         return
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1, default=float))
-    print(f"[rank 0] wrote {out / METRICS_FILE}")

@@ -38,7 +38,7 @@ from .errors import run_main
 from .faults import inject_fault
 from .metrics import StepTimer, max_abs_diff, params_of, read_losses, tensor_bytes, variant_record, wait_for_device, \
     write_metrics
-from .pipeline_schedules import (bubble_fraction, bubble_theory, gpipe_order, layer_placement,  # noqa: F401
+from .pipeline_schedules import (bubble_fraction, bubble_theory, gpipe_bubble, gpipe_order, layer_placement,  # noqa: F401
                                  one_f_one_b_order, placement_crossings, simulate_schedule, stage_layers)
 from .process_group import DistContext, setup, teardown
 from .reference import build_model, global_batch, reference_run, run_header, strategy_optimizer
@@ -157,7 +157,7 @@ class ByHandSchedule:
                 if stage.last:
                     y = summed_clm_loss(y, micro[i])
                     loss_sum = loss_sum + y.detach()
-                spans.append(("F", t0, self._clock()))
+                spans.append(("F", i, t0, self._clock()))
                 if not stage.last:
                     pending.append(dist.isend(y.detach().contiguous(), dst=nxt))
                     self.bytes_sent += tensor_bytes(y)
@@ -169,7 +169,7 @@ class ByHandSchedule:
                     dist.recv(grad, src=nxt)
                 t0 = self._clock()
                 outputs[i].backward(grad)
-                spans.append(("B", t0, self._clock()))
+                spans.append(("B", i, t0, self._clock()))
                 if not stage.first:
                     pending.append(dist.isend(inputs[i].grad.contiguous(), dst=prev))
                     self.bytes_sent += tensor_bytes(inputs[i].grad)
@@ -179,10 +179,11 @@ class ByHandSchedule:
         if self.timed:
             dist.barrier()  # the window ends when the slowest stage is done: the same window for all
             window = self._clock() - window_start
-            f = [e - s for op, s, e in spans if op == "F"]
-            b = [e - s for op, s, e in spans if op == "B"]
-            self.steps.append({"busy": sum(f) + sum(b), "window": window,
-                               "forward": sum(f) / len(f), "backward": sum(b) / len(b)})
+            f = [e - s for op, _, s, e in spans if op == "F"]
+            b = [e - s for op, _, s, e in spans if op == "B"]
+            # spans on the machine's monotonic clock, which every process on this machine shares
+            self.steps.append({"busy": sum(f) + sum(b), "window": window, "start": window_start,
+                               "forward": sum(f) / len(f), "backward": sum(b) / len(b), "spans": spans})
         sync_tied_gradients(stage, ctx.device)
         return loss_sum, sum(n_targets(m) for m in micro).to(ctx.device)
 
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(STAGE_VARIANTS + ("round_robin",)))
     parser.add_argument("--bubble-micro", default="1,2,4,8",
                         help="micro-batch counts for the bubble measurement ('' to skip)")
-    parser.add_argument("--bubble-steps", type=int, default=3)
+    parser.add_argument("--bubble-steps", type=int, default=3,
+                        help="timed steps per micro-batch count, the counts taking turns (after one warm-up round)")
     # the bubble is visible only when a micro-step's compute outweighs a message's latency
     parser.add_argument("--bubble-d-model", type=int, default=128)
     parser.add_argument("--bubble-seq-len", type=int, default=64)
@@ -315,18 +317,10 @@ def main(argv: list[str] | None = None) -> None:
         out = train_variant(variant, args, ctx, args.micro)
         out["max_abs_diff_vs_single"] = max(max_abs_diff(out.pop("params"), ref), out["tied_copies_max_abs_diff"])
         metrics["variants"][variant] = out
-    for m in [int(v) for v in args.bubble_micro.split(",") if v]:
-        if args.bubble_batch % m:
-            raise ValueError(f"--bubble-batch {args.bubble_batch} is not divisible by {m} micro-batches")
-        bubble_args = base_parser("").parse_args([])
-        vars(bubble_args).update(vars(args))
-        bubble_args.steps = args.bubble_steps
-        bubble_args.d_model, bubble_args.seq_len = args.bubble_d_model, args.bubble_seq_len
-        bubble_args.batch = args.bubble_batch
-        out = train_variant("by_hand", bubble_args, ctx, m, timed=True)
-        metrics["bubble"].append({"n_micro": m, "n_layers": bubble_args.n_layers, "measured": out["bubble_measured"],
-                                  "simulated": out["bubble_simulated"], "theory": bubble_theory(ctx.world_size, m),
-                                  "seconds_per_step": out["seconds_per_step"]})
+    micro_counts = [int(v) for v in args.bubble_micro.split(",") if v]
+    if micro_counts:  # the counts take turns step by step (see pipeline_bubble)
+        from .pipeline_bubble import bubble_sweep
+        metrics["bubble"] = bubble_sweep(args, ctx, micro_counts, args.bubble_steps)
     metrics["max_abs_diff_vs_single"] = max((v["max_abs_diff_vs_single"] for v in metrics["variants"].values()),
                                             default=None)
     if ctx.is_main:

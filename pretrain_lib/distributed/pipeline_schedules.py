@@ -64,13 +64,13 @@ def bubble_theory(n_stages: int, n_micro: int) -> float:
     return (n_stages - 1) / (n_micro + n_stages - 1)
 
 
-def simulate_schedule(orders: list[list[tuple[str, int]]], forward_s: list[float], backward_s: list[float]) -> float:
-    """Replay every stage's order with fixed op durations and instant messages; return the
-    mean idle fraction of the stages over the makespan.
+def replay_schedule(orders: list[list[tuple[str, int]]], forward_s: list[float], backward_s: list[float],
+                    message_s: float = 0.0) -> tuple[float, float]:
+    """Replay every stage's order with fixed op durations; return ``(mean idle fraction, makespan)``.
 
     F(s, i) waits for F(s-1, i); B(s, i) waits for B(s+1, i) (the last stage's for its own
-    F(s, i)); each stage runs its ops one at a time in its order. This isolates the
-    schedule's own bubble from message latency and from other programs on the machine.
+    F(s, i)); each stage runs its ops one at a time in its order. A message between two stages
+    takes ``message_s`` seconds (0: instant, the schedule's own bubble).
     """
     p = len(orders)
     done: dict[tuple[str, int, int], float] = {}
@@ -86,7 +86,8 @@ def simulate_schedule(orders: list[list[tuple[str, int]]], forward_s: list[float
                   (("B", s + 1, i) if s < p - 1 else ("F", s, i))
             if dep is not None and dep not in done:
                 continue
-            start = max(clock[s], done[dep] if dep is not None else 0.0)
+            ready = 0.0 if dep is None else done[dep] + (message_s if dep[1] != s else 0.0)
+            start = max(clock[s], ready)
             clock[s] = start + (forward_s[s] if op == "F" else backward_s[s])
             done[(op, s, i)] = clock[s]
             pos[s] += 1
@@ -95,7 +96,34 @@ def simulate_schedule(orders: list[list[tuple[str, int]]], forward_s: list[float
             raise RuntimeError("the schedule deadlocks: some stage waits for a micro-step that never runs")
     makespan = max(clock)
     busy = [sum(forward_s[s] if op == "F" else backward_s[s] for op, _ in orders[s]) for s in range(p)]
-    return sum(1.0 - b / makespan for b in busy) / p
+    return sum(1.0 - b / makespan for b in busy) / p, makespan
+
+
+def simulate_schedule(orders: list[list[tuple[str, int]]], forward_s: list[float], backward_s: list[float]) -> float:
+    """Replay every stage's order with fixed op durations and instant messages; return the
+    mean idle fraction of the stages over the makespan.
+
+    This isolates the schedule's own bubble from message latency and from other programs on
+    the machine (:func:`replay_schedule` also takes a message time).
+    """
+    return replay_schedule(orders, forward_s, backward_s)[0]
+
+
+def gpipe_bubble(forward_s: list[float], backward_s: list[float], n_micro: int) -> float:
+    """GPipe's mean idle fraction for stages of *unequal* op times, instant messages, in closed form.
+
+    The forward pass is a flow shop of m identical jobs: the last micro-batch leaves the last
+    stage after sum(f) + (m - 1) max(f); the backward pass then flows back the same way, so a
+    step lasts T = sum(f) + sum(b) + (m - 1)(max(f) + max(b)). Stage s computes m (f_s + b_s)
+    of it. With equal stages this is (p - 1) / (m + p - 1); otherwise the slowest stage sets the
+    pace and every other stage idles for the difference on each micro-batch, a share that more
+    micro-batches do not remove.
+    """
+    if n_micro < 1 or not forward_s or len(forward_s) != len(backward_s):
+        raise ValueError("need n_micro >= 1 and one forward and one backward time per stage")
+    p = len(forward_s)
+    makespan = sum(forward_s) + sum(backward_s) + (n_micro - 1) * (max(forward_s) + max(backward_s))
+    return sum(1.0 - n_micro * (f + b) / makespan for f, b in zip(forward_s, backward_s)) / p
 
 
 def bubble_fraction(busy_s: float, window_s: float) -> float:
