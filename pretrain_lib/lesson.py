@@ -50,7 +50,8 @@ class Estimate:
 
     def __format__(self, spec: str) -> str:
         spec = spec or ".3f"
-        return f"{self.mean:{spec}} ± {self.spread:{spec}} ({self.n} {self.what})"
+        spread_spec = spec.replace("+", "")   # a signed mean, an unsigned noise: "+0.193 ± 0.021"
+        return f"{self.mean:{spec}} ± {self.spread:{spread_spec}} ({self.n} {self.what})"
 
     def __str__(self) -> str:
         return format(self)

@@ -23,6 +23,7 @@ def test_over_seeds_is_the_sample_mean_and_standard_deviation():
     assert est.spread == pytest.approx(statistics.stdev([4.10, 4.20, 4.30]))  # 0.1, by hand
     assert est.spread == pytest.approx(0.1)
     assert f"{est:.2f}" == "4.20 ± 0.10 (3 seeds)"
+    assert f"{over_seeds([-0.2, -0.1, 0.0]):+.2f}" == "-0.10 ± 0.10 (3 seeds)"
 
 
 def test_paired_difference_removes_what_the_pairs_share():
