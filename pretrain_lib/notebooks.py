@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +21,54 @@ from .utils import REPO_ROOT
 
 @dataclass
 class NotebookRun:
-    notebook: str
+    notebook: str  # relative to the repository when it lies inside it
     seconds: float
     ok: bool
-    error: str = ""
+    error: str = ""  # the failing cell's last traceback lines and where the executed copy is
+    reason: str = ""  # one line: the exception and its message
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.ok else "FAILED"
 
 
 def chapter_notebooks(chapters_dir: Path = REPO_ROOT / "chapters") -> list[Path]:
     """Every chapter notebook in course order."""
     return sorted(p for p in chapters_dir.glob("[0-9][0-9]_*/[0-9][0-9]_*.ipynb")
                   if ".ipynb_checkpoints" not in p.parts)
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository (what the table shows), or as given when it lies outside."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def one_line_reason(exc: BaseException, limit: int = 160) -> str:
+    """``AssertionError: claim 'x' failed ...``: the notebook's exception on one line, shortened."""
+    name, value = getattr(exc, "ename", None), getattr(exc, "evalue", None)  # papermill's cell error
+    text = f"{name}: {value}" if name else f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _ipc_kernel_manager(socket_dir: str):
+    """A kernel manager whose kernel talks over Unix sockets in ``socket_dir`` (mode 0700).
+
+    Over TCP, ipykernel warns on every start that its traffic is unencrypted and readable by
+    anyone on the machine's loopback; Unix sockets in a private folder are reachable by this
+    user only, so the warning's cause is gone rather than hidden. The socket prefix must be an
+    absolute path: the kernel runs in the notebook's folder, the client in ours.
+    """
+    from jupyter_client import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            kwargs.setdefault("ip", os.path.join(socket_dir, "kernel"))
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
 
 
 def execute_notebook(path: Path, *, build_dir: Path = REPO_ROOT / "build", parameters: dict | None = None,
@@ -43,19 +83,22 @@ def execute_notebook(path: Path, *, build_dir: Path = REPO_ROOT / "build", param
     figures = build_dir / "figures" / chapter / path.stem
     saved = {k: os.environ.get(k) for k in ("COURSE_HEADLESS", "COURSE_FIGURE_DIR", "PYDEVD_DISABLE_FILE_VALIDATION")}
     os.environ.update(COURSE_HEADLESS="1", COURSE_FIGURE_DIR=str(figures), PYDEVD_DISABLE_FILE_VALIDATION="1")
+    socket_dir = tempfile.mkdtemp(prefix="course-kernel-") if os.name == "posix" else None  # no Unix sockets on Windows
+    engine_options = {"kernel_manager_class": _ipc_kernel_manager(socket_dir)} if socket_dir else {}
     start = time.perf_counter()
     try:
         pm.execute_notebook(str(path), str(out), parameters=parameters or {}, cwd=str(path.parent),
                             kernel_name=kernel_name, execution_timeout=timeout_s, progress_bar=False,
-                            log_output=False)
-        return NotebookRun(str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path),
-                           time.perf_counter() - start, True)
+                            log_output=False, **engine_options)
+        return NotebookRun(display_path(path), time.perf_counter() - start, True)
     except Exception as exc:  # papermill wraps the cell's error; keep its message for the table
         message = "\n".join(str(exc).strip().splitlines()[-15:])
         if out.exists():  # papermill writes the copy as it goes; a notebook it cannot read has none
-            message += f"\n(executed copy with the failing cell: {out})"
-        return NotebookRun(str(path), time.perf_counter() - start, False, message)
+            message += f"\n(executed copy with the failing cell: {display_path(out)})"
+        return NotebookRun(display_path(path), time.perf_counter() - start, False, message, one_line_reason(exc))
     finally:
+        if socket_dir:
+            shutil.rmtree(socket_dir, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -63,21 +106,43 @@ def execute_notebook(path: Path, *, build_dir: Path = REPO_ROOT / "build", param
                 os.environ[k] = v
 
 
+def progress_line(run: NotebookRun, width: int = 0) -> str:
+    """The line printed as each notebook finishes: name, seconds, ok or FAILED with its reason."""
+    line = f"{run.notebook:<{width}}  {run.seconds:7.1f} s  {run.status}"
+    return line + (f": {run.reason}" if run.reason else "")
+
+
 def print_table(runs: list[NotebookRun], file=sys.stdout) -> None:
     width = max([len(r.notebook) for r in runs] + [8])
-    print(f"\n{'notebook':<{width}}  {'seconds':>8}  status", file=file)
+    print(f"\n{'notebook':<{width}}  {'seconds':>9}  status", file=file)
     print("-" * (width + 20), file=file)
     for r in runs:
-        print(f"{r.notebook:<{width}}  {r.seconds:8.1f}  {'ok' if r.ok else 'FAILED'}", file=file)
+        print(progress_line(r, width), file=file)
     total = sum(r.seconds for r in runs)
     failed = sum(not r.ok for r in runs)
     print("-" * (width + 20), file=file)
     print(f"{len(runs)} notebook(s), {total:.0f} s, {failed} failed", file=file)
 
 
+def _read_params(parser: argparse.ArgumentParser, file: str | None) -> dict:
+    if not file:
+        return {}
+    try:
+        overrides = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        parser.error(f"--params {file}: cannot read it as JSON ({exc})")
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        parser.error(f"--params {file}: expected {{notebook_stem: {{parameter: value}}}}, "
+                     "e.g. tests/notebook_params/01_objectives.json")
+    return overrides
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain_lib.notebooks",
-                                     description="Execute the chapter notebooks headlessly with papermill.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain_lib.notebooks",
+        description="Execute chapter notebooks headlessly with papermill into build/ (what `make run` does). "
+                    "Example, one notebook at the test suite's small sizes: python -m pretrain_lib.notebooks "
+                    "chapters/01_objectives/01_masked_lm.ipynb --params tests/notebook_params/01_objectives.json")
     parser.add_argument("notebooks", nargs="*", help="notebooks to run (default: every chapter notebook)")
     parser.add_argument("--build-dir", default=str(REPO_ROOT / "build"))
     parser.add_argument("--params", help="JSON file {notebook_stem: {param: value}} of parameter overrides")
@@ -87,16 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         parser.error(f"no such notebook(s): {', '.join(missing)}")
-    overrides = json.loads(Path(args.params).read_text()) if args.params else {}
+    overrides = _read_params(parser, args.params)
+    width = max(len(display_path(p)) for p in paths)
     runs = []
     for p in paths:
-        print(f"running {p} ...", flush=True)
+        if args.params and p.stem not in overrides:
+            print(f"({p.stem} has no entry in {args.params}: it runs at its defaults)", flush=True)
         run = execute_notebook(p, build_dir=Path(args.build_dir), parameters=overrides.get(p.stem),
                                timeout_s=args.timeout)
-        if not run.ok:
-            print(run.error, file=sys.stderr)
+        print(progress_line(run, width), flush=True)
         runs.append(run)
     print_table(runs)
+    for r in runs:
+        if not r.ok:
+            print(f"\n{r.notebook} failed:\n{r.error}", file=sys.stderr)
     return 0 if all(r.ok for r in runs) else 1
 
 
