@@ -11,21 +11,44 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def mps_available() -> bool:
+    """True when Apple's Metal backend (MPS) can run tensors here (Apple silicon, a torch built with it)."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Turn a device request into a ``torch.device``.
 
-    ``"auto"`` picks CUDA when a GPU is visible and the CPU otherwise; anything else is
-    passed to ``torch.device`` after checking that a CUDA request can be honoured.
+    ``"auto"`` picks CUDA when a GPU is visible, else Apple's MPS, else the CPU; the environment
+    variable ``COURSE_DEVICE`` (e.g. ``cpu``) overrides that choice for every notebook at once.
+    Anything else is passed to ``torch.device`` after checking that a CUDA or MPS request can be
+    honoured. MPS computes fp32 matrix products in a different order than the CPU and has no
+    float64, so results agree with the CPU's to about 1e-5 relative, not bit for bit; the few
+    course checks that compare two computations at tighter tolerances are written for CPU and
+    CUDA (``docs/running.md``, "Apple silicon").
     """
     if isinstance(device, torch.device):
         return device
     if not isinstance(device, str):
-        raise TypeError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {type(device).__name__}")
+        raise TypeError(f"device must be a string such as 'auto', 'cpu', 'cuda' or 'mps', got {type(device).__name__}")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+        override = os.environ.get("COURSE_DEVICE", "").strip()
+        if override and override != "auto":
+            return resolve_device(override)
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device={device!r} is not a device torch knows ({exc}); use 'auto', 'cpu', 'cuda' "
+                         "or 'mps'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={device!r} was requested but no CUDA GPU is visible; use device='auto' or 'cpu'")
+    if resolved.type == "mps" and not mps_available():
+        raise RuntimeError(f"device={device!r} was requested but Apple's MPS backend is not available here "
+                           "(it needs Apple silicon and a torch built with MPS); use device='auto' or 'cpu'")
     return resolved
 
 
