@@ -1,0 +1,10 @@
+"""A zero-shot multiple-choice benchmark from held-out plays, in the manner of HellaSwag.
+
+An item is a passage of a play the training split never sees (``context``) and four one-line
+``endings``: the line that truly follows and three lines taken from elsewhere in held-out text,
+matched in length. A causal model picks the ending with the highest log-likelihood per UTF-8
+byte, so a tokenizer that cuts text into fewer, longer tokens gains nothing from it; chance is
+25 %. ``items`` builds and reads the fixed, versioned item file (``pretrain_lib/assets/``),
+``scoring`` scores a course model and a unigram baseline on it with a bootstrap interval,
+``lm_eval_task/`` defines the same benchmark for EleutherAI's ``lm-eval``.
+"""
