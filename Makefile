@@ -5,13 +5,13 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 
-.PHONY: setup run test lab exercises grade site lint clean
+.PHONY: setup run test lab exercises grade site lint doctor clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[tensorboard,site]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[tensorboard,site,hf]'
 	touch $(STAMP)
 
 ## make run: execute every chapter notebook headlessly into build/ and print a table
@@ -23,9 +23,12 @@ run: setup
 test: setup
 	$(PY) -m pytest -n $(JOBS) --dist loadgroup
 
-## make lab: start JupyterLab on the course
+## make lab: start JupyterLab on the course.
+## JupyterLab refuses to start as root; containers and Colab-like hosts often run everything as
+## root, so there (uid 0) the refusal is lifted with --allow-root. Elsewhere nothing is added.
+LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: setup
-	$(VENV)/bin/jupyter lab
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS)
 
 ## make exercises: regenerate exercises/ from solutions/
 exercises: setup
@@ -41,8 +44,13 @@ site: setup
 	ls build/chapters/*/*.ipynb >/dev/null 2>&1 || $(MAKE) run
 	$(PY) -m pretrain_lib.site
 
+## make lint: the notebook conventions of CONTRIBUTING.md (standard library only: no setup needed)
 lint:
-	$(PYTHON) ../shared/tools/course_lint.py .
+	$(PYTHON) -m pretrain_lib.lint .
+
+## make doctor: check this machine (python, torch, threads, memory, GPU, optional tools); exit 0 = the course runs
+doctor: setup
+	$(PY) -m pretrain_lib.doctor
 
 clean:
 	rm -rf build
