@@ -27,6 +27,11 @@ every committed notebook
   ``readable``        valid JSON notebook
   ``size``            under 1 MB
 
+documentation (every ``*.md``)
+  ``broken-link``     a relative link points at a file or folder that exists
+  ``outside-link``    no relative link leaves the repository (a clone has nothing beside it)
+  ``readme-size``     ``README.md`` stays a front page: under 12,000 bytes (the rest lives in ``docs/``)
+
 Standard library only, so it runs before the course's environment exists:
 ``python -m pretrain_lib.lint [ROOT]`` prints one line per problem and exits 1 if there is any.
 """
@@ -41,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAX_NOTEBOOK_BYTES = 1_000_000
+MAX_README_BYTES = 12_000
+_MARKDOWN_LINK = re.compile(r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 _NUMBERED = re.compile(r"^(\d\d)_[a-z0-9_]+$")
 _SKIPPED_PARTS = {".venv", "build", ".ipynb_checkpoints", ".git", "node_modules"}
 
@@ -198,13 +205,39 @@ def check_exercise(path: Path, solution: Path) -> list[Problem]:
     return problems + _check_ids(path, nb["cells"])
 
 
-def _committed_notebooks(root: Path) -> list[Path]:
-    """Notebooks under ``root``, not descending into environments, build output or checkpoints."""
+def _committed_files(root: Path, suffix: str) -> list[Path]:
+    """Files ending in ``suffix`` under ``root``, not descending into environments, build output or checkpoints."""
     found = []
     for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if d not in _SKIPPED_PARTS)
-        found += [Path(folder) / f for f in sorted(files) if f.endswith(".ipynb")]
+        subfolders[:] = sorted(d for d in subfolders if d not in _SKIPPED_PARTS and not d.endswith(".egg-info"))
+        found += [Path(folder) / f for f in sorted(files) if f.endswith(suffix)]
     return found
+
+
+def check_markdown(path: Path, root: Path) -> list[Problem]:
+    """Relative links resolve inside the repository; the README stays short."""
+    problems = []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    in_code = False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            in_code = not in_code
+        if in_code:
+            continue
+        for target in _MARKDOWN_LINK.findall(line):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
+                continue  # a URL (https:, mailto:) or an anchor in this page
+            resolved = (path.parent / target.split("#")[0]).resolve()
+            if not resolved.is_relative_to(root.resolve()):
+                problems.append(Problem(path, "outside-link", f"{target} leaves the repository; a clone has nothing "
+                                                              "beside it: move what it needs inside"))
+            elif not resolved.exists():
+                problems.append(Problem(path, "broken-link", f"{target} does not exist"))
+    if path.resolve() == (root / "README.md").resolve() and len(text.encode("utf-8")) > MAX_README_BYTES:
+        problems.append(Problem(path, "readme-size", f"{len(text.encode('utf-8')):,} bytes, over {MAX_README_BYTES:,}: "
+                                                     "keep the README a front page and move reference material "
+                                                     "to docs/"))
+    return problems
 
 
 def lint_repository(root: Path) -> list[Problem]:
@@ -227,9 +260,11 @@ def lint_repository(root: Path) -> list[Problem]:
                 problems += check_exercise(ex, sol)
             else:
                 problems.append(Problem(ex, "in-sync", "missing: run `make exercises`"))
-    for nb in _committed_notebooks(root):
+    for nb in _committed_files(root, ".ipynb"):
         if nb.stat().st_size > MAX_NOTEBOOK_BYTES:
             problems.append(Problem(nb, "size", f"{nb.stat().st_size:,} bytes; keep committed notebooks under 1 MB"))
+    for page in _committed_files(root, ".md"):
+        problems += check_markdown(page, root)
     return problems
 
 

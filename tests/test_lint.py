@@ -142,3 +142,23 @@ def test_command_line_prints_one_line_per_problem_and_exits_1(tmp_path, capsys):
                         "should call claims.finish()")
     assert lines[-1].startswith("lint: 1 problem(s)")
     assert lint.main([str(_write_course(tmp_path / "clean"))]) == 0
+
+
+def test_links_must_resolve_inside_the_repository(tmp_path):
+    root = _write_course(tmp_path)
+    (root / "docs").mkdir()
+    (root / "docs" / "guide.md").write_text("See [the README](../README.md#two-commands) and [home](https://x.org).\n")
+    (root / "README.md").write_text("Read [the guide](docs/guide.md).\n\n```\n[not a link](nowhere.md)\n```\n")
+    assert lint.lint_repository(root) == []
+    (root / "README.md").write_text("Read [the notes](../shared/design/notes.md) and [this](docs/missing.md).\n")
+    problems = lint.lint_repository(root)
+    assert [(p.rule, p.message.split()[0]) for p in problems] == [
+        ("outside-link", "../shared/design/notes.md"), ("broken-link", "docs/missing.md")]
+
+
+def test_the_readme_stays_a_front_page(tmp_path):
+    root = _write_course(tmp_path)
+    (root / "README.md").write_text("# Course\n" + "word " * 2_400)  # 12,009 bytes
+    assert _rules(root) == {"readme-size"}
+    (root / "README.md").write_text("# Course\n" + "word " * 2_398)  # 11,999 bytes
+    assert _rules(root) == set()

@@ -1,0 +1,57 @@
+"""benchmarks/README.md's tables are generated from the benchmarks' JSON, never typed."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("benchmark_tables", REPO / "benchmarks" / "tables.py")
+tables = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tables)
+
+# What benchmarks/chinchilla_fit.py writes, with round numbers: 10 s against 2 s is 5.0x.
+CHINCHILLA = {"points": 240, "starts": 4500, "ours_seconds": 2.0, "baseline_seconds_extrapolated": 10.0,
+              "baseline_starts_timed": 225, "speedup": 5.0, "cpu_count": 2}
+
+
+def test_the_committed_readme_is_what_the_committed_results_give():
+    assert tables.main(["--check"]) == 0, "run python benchmarks/tables.py"
+
+
+def test_a_result_becomes_a_row_and_a_missing_one_says_how_to_measure_it():
+    table = tables.render({"chinchilla_fit": CHINCHILLA})
+    row = next(line for line in table.splitlines() if line.startswith("| `chinchilla_fit.py`"))
+    assert "10.0 s (extrapolated from 225 starts)" in row and "all 4500 starts" in row and "2.0 s" in row
+    assert "| 5.0× |" in row and "240 points; 2 CPUs" in row
+    missing = next(line for line in table.splitlines() if line.startswith("| `grading.py`"))
+    assert "not measured yet: run `python benchmarks/grading.py`" in missing
+    assert len(table.splitlines()) == 2 + len(tables.BENCHMARKS)
+
+
+def test_collect_copies_the_scripts_json_verbatim(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "chinchilla_fit.json").write_text(json.dumps(CHINCHILLA))
+    (results / "not_a_benchmark.json").write_text("{}")
+    collected = tmp_path / "results.json"
+    collected.write_text(json.dumps({"grading": {"kept": True}}))
+    assert tables.collect(results, collected) == ["chinchilla_fit"]
+    assert json.loads(collected.read_text()) == {"chinchilla_fit": CHINCHILLA, "grading": {"kept": True}}
+
+
+def test_an_entry_that_lacks_a_figure_is_named():
+    broken = dict(CHINCHILLA)
+    del broken["speedup"]
+    with pytest.raises(ValueError, match="chinchilla_fit entry lacks what its table needs.*speedup"):
+        tables.render({"chinchilla_fit": broken})
+
+
+def test_the_readme_markers_are_required():
+    with pytest.raises(ValueError, match="lacks the markers"):
+        tables.updated_readme("# Benchmarks\n", {})
+    text = f"intro\n{tables.BEGIN}\nold typed table\n{tables.END}\nafter\n"
+    updated = tables.updated_readme(text, {})
+    assert "old typed table" not in updated and updated.startswith("intro\n") and updated.endswith("after\n")
