@@ -55,3 +55,14 @@ def test_the_readme_markers_are_required():
     text = f"intro\n{tables.BEGIN}\nold typed table\n{tables.END}\nafter\n"
     updated = tables.updated_readme(text, {})
     assert "old typed table" not in updated and updated.startswith("intro\n") and updated.endswith("after\n")
+
+
+def test_grading_row_names_each_configuration_and_the_fastest():
+    def run(sandbox, jobs, seconds):
+        return {"jobs": jobs, "sandbox": sandbox, "students": 4, "seconds": seconds, "seconds_per_submission": seconds / 4}
+    runs = [run(False, 1, 40.0), run(False, 2, 24.0), run(True, 1, 44.0), run(True, 2, 20.0)]
+    result = {"exercise": "01_objectives", "baseline": dict(runs[0]), "runs": runs, "cpus": 2, "load_average_1min": 1.5}
+    row = next(line for line in tables.render({"grading": result}).splitlines() if line.startswith("| `grading.py`"))
+    assert "unsandboxed `--jobs 1`: 10.0 s per submission" in row
+    assert "unsandboxed `--jobs 2`: 6.0 s; sandboxed `--jobs 1`: 11.0 s; sandboxed `--jobs 2`: 5.0 s" in row
+    assert "2.00× (sandboxed `--jobs 2`)" in row and "4 submissions; 2 CPUs, load 1.5" in row
