@@ -31,7 +31,7 @@ from pretrain_lib.grading.grader import NotANotebook, assemble, grade_notebook, 
 from pretrain_lib.grading.gradebook import find_submissions, grade_class, load_exercises
 from pretrain_lib.grading.reference import load_exercise, reference_values
 from pretrain_lib.grading.review import review_source
-from pretrain_lib.grading.sandbox import bwrap_problem, parse_size, status_line
+from pretrain_lib.grading.sandbox import bwrap_problem, cgroup_root, parse_size, status_line
 
 FIXTURES = REPO / "tests" / "fixtures" / "grading"
 FIXTURE_SOLUTION = FIXTURES / "solutions" / "99_toy.ipynb"
@@ -263,12 +263,15 @@ def test_whole_notebook_limit_stops_a_slow_submission(toy, tmp_path):
         cell.source = "import time\ntime.sleep(3)\n" + cell.source.replace("# BEGIN SOLUTION\n", "").replace(
             "# END SOLUTION", "")
     reference_values(toy, 7)               # the trusted reference run is not part of the notebook's time
-    start = time.monotonic()
     result = grade_notebook(_write(slow, tmp_path / f"{TOY}.ipynb"), toy, timeout_s=5, cell_timeout_s=4.5, seed=7)
     assert result.status == "timeout"
-    assert time.monotonic() - start < 5 + 20
-    assert result.checks[0].passed and not result.checks[-1].passed   # checks done before the limit keep their points
-    assert any("time limit" in n for n in result.notes)
+    verdicts = {c.check.check_id: (c.passed, c.note) for c in result.checks}
+    assert verdicts["add"] == (True, "")        # checks done before the limit keep their points
+    # the kernel was stopped, not left to finish: the last checks never ran, even the free one that
+    # needs no answer (6 s of sleep in 4.5 s cells would otherwise all complete and score)
+    for cid in ("ratio", "free"):
+        assert verdicts[cid][0] is False and verdicts[cid][1].startswith("not run"), verdicts
+    assert any("whole notebook 5 s" in n for n in result.notes), result.notes
 
 
 # --- a class --------------------------------------------------------------------------------------
@@ -445,16 +448,21 @@ def test_class_of_honest_sloppy_cheating_and_hostile_students(toy_exercises, tmp
     assert b"vandalised" not in (REPO / "exercises" / "01_objectives.ipynb").read_bytes()
     assert b"vandalised" not in (REPO / "README.md").read_bytes() and not (REPO / "VANDALISED").exists()
     assert list(host_tmp.iterdir()) == [], list(host_tmp.iterdir())
-    mem_row = status["hostile_memory_hog"]
-    assert mem_row[0] == "error" and "out of memory" in feedback["hostile_memory_hog"] or \
-        rows[f"hostile_memory_hog/{TOY}"][f"{TOY}: add"] == "0"
+    # the memory hog never scores its answer: with cgroups the kernel is killed at the limit (an error
+    # saying so, nothing scored); under RLIMIT_AS its allocation raises MemoryError in its own cell,
+    # so `add` is never defined and only that check is lost
+    if cgroup_root():
+        assert status["hostile_memory_hog"] == ("error", 0), feedback["hostile_memory_hog"]
+        assert "out of memory" in feedback["hostile_memory_hog"]
+    else:
+        assert status["hostile_memory_hog"] == ("graded", TOY_MAX - 1), feedback["hostile_memory_hog"]
+    assert rows[f"hostile_memory_hog/{TOY}"][f"{TOY}: add"] == "0"
     assert len(feedback["huge_output"]) < 20_000
     if SANDBOXED:
         assert not _sleepers("61.4321"), "a setsid grandchild outlived the sandbox"
         assert status["hostile_reads_solutions"] == full and status["hostile_uses_network"] == full
         assert hits == [], "a submission reached the host's network"
-        from pretrain_lib.grading.sandbox import _cgroup_root
-        if _cgroup_root() or os.getuid() != 0:
+        if cgroup_root() or os.getuid() != 0:
             assert status["hostile_process_flood"] == full
     for p in _sleepers("61.4321"):
         p.kill()

@@ -89,8 +89,9 @@ def _status(args, jobs: int = 1) -> None:
 
 
 def _check(args) -> int:
-    from .gradebook import _claimed_exercise, load_exercises
-    from .grader import feedback_markdown, grade_notebook
+    from .feedback import feedback_markdown
+    from .gradebook import claimed_exercise, load_exercises
+    from .grader import grade_notebook
     try:
         exercises = load_exercises(args.exercises, args.solutions)
     except (FileNotFoundError, ValueError) as exc:
@@ -102,7 +103,7 @@ def _check(args) -> int:
         return 2
     name = args.exercise or (path.stem if path.stem in exercises else None)
     if name is None:
-        name = _claimed_exercise(path)
+        name = claimed_exercise(path)
     if name not in exercises:
         print(f"error: cannot tell which exercise {path.name} is; name it like one of {sorted(exercises)} "
               "or pass --exercise", file=sys.stderr)

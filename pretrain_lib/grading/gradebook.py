@@ -25,8 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .feedback import feedback_markdown
-from .feedback import fmt_points as _fmt_points
+from .feedback import feedback_markdown, fmt_points
 from .grader import (DEFAULT_CELL_TIMEOUT_S, DEFAULT_TIMEOUT_S, EXERCISES_DIR, CheckResult, SubmissionResult,
                      grade_notebook)
 from .reference import Exercise, default_solutions_dir, load_exercise
@@ -92,7 +91,7 @@ class Collected:
     skipped: list[tuple[str, str]] = field(default_factory=list)    # (student, why) for unmatched odd entries
 
 
-def _claimed_exercise(path: Path) -> str | None:
+def claimed_exercise(path: Path) -> str | None:
     """``course.exercise_id`` from a notebook's metadata: a short text or None (read bounded, never a link)."""
     from .sandbox import read_regular_file
     try:
@@ -115,7 +114,7 @@ def _exercise_of(nb: Path, exercises) -> str | None:
     stem = _stem(nb)
     if stem in exercises:
         return stem
-    claimed = _claimed_exercise(nb)
+    claimed = claimed_exercise(nb)
     return claimed if claimed in exercises else None
 
 
@@ -360,7 +359,7 @@ class Gradebook:
                     most += _number(row.get("max_points"))
                     graded += row.get("status") == "graded"
                     per.append(row.get("points", ""))
-                writer.writerow([csv_safe(student), _fmt_points(got), _fmt_points(most), graded, *per])
+                writer.writerow([csv_safe(student), fmt_points(got), fmt_points(most), graded, *per])
         os.replace(tmp, path)
         return path
 
@@ -373,10 +372,10 @@ def _number(text) -> float:
 
 
 def result_row(result: SubmissionResult) -> dict:
-    row = {"student": result.student, "exercise": result.exercise, "points": _fmt_points(result.points),
-           "max_points": _fmt_points(result.max_points), "status": result.status}
+    row = {"student": result.student, "exercise": result.exercise, "points": fmt_points(result.points),
+           "max_points": fmt_points(result.max_points), "status": result.status}
     for cr in result.checks:
-        row[check_column(result.exercise, cr.check.check_id)] = _fmt_points(cr.points)
+        row[check_column(result.exercise, cr.check.check_id)] = fmt_points(cr.points)
     return row
 
 
@@ -509,7 +508,7 @@ def grade_class(submissions_dir: Path, out_dir: Path, *, exercises_dir: Path = E
         if result.needs_review:
             report.review.append((result.student, result.exercise))
         print(f"{printable(result.student):>16} {result.exercise:<20} {result.status:<8} "
-              f"{_fmt_points(result.points):>5} / {_fmt_points(result.max_points):<5} {result.seconds:6.1f} s",
+              f"{fmt_points(result.points):>5} / {fmt_points(result.max_points):<5} {result.seconds:6.1f} s",
               file=log, flush=True)
 
     def not_run(name: str) -> list[CheckResult]:

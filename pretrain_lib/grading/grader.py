@@ -30,6 +30,7 @@ from pathlib import Path
 import nbformat
 
 from . import layout
+from .feedback import feedback_markdown  # noqa: F401 - the grader's public face: grade, then write feedback
 from .probe_runner import python_cells, run_isolated
 from .reference import Exercise, load_exercise, reference_values
 from .review import review_source
@@ -81,19 +82,6 @@ class SubmissionResult:
     @property
     def max_points(self) -> float:
         return sum(c.check.max_points for c in self.checks)
-
-
-def stream_text(outputs) -> str:
-    """What a cell printed to stdout, and an error if it raised (stderr is never compared)."""
-    parts = []
-    for o in outputs or []:
-        kind = o.get("output_type")
-        if kind == "stream" and o.get("name") == "stdout":
-            text = o.get("text", "")
-            parts.append("".join(text) if isinstance(text, list) else str(text))
-        elif kind == "error":
-            parts.append(f"{o.get('ename')}: {o.get('evalue')}\n")
-    return "".join(parts)
 
 
 def _same_output(produced: str, expected: str, extra_lines_ok: bool = False) -> bool:
@@ -260,16 +248,16 @@ def assemble(ex: Exercise, submission: nbformat.NotebookNode, seed: int | None =
     for rid in match.missing:
         names = _names(ex, rid)
         missing.update(names)
-        notes.append(f"no cell of your notebook defines {layout._label(names)}; that answer was graded as not answered "
-                     "(was its cell deleted, or the function renamed?)")
+        notes.append(f"no cell of your notebook defines {layout.names_label(names)}; that answer was graded as not "
+                     "answered (was its cell deleted, or the function renamed?)")
     helpers = _helpers(match, student_cells, ex.answer_ids)
     helper_numbers = {n for numbers in helpers.values() for n in numbers}
     ignored = [(n, first) for n, first in match.ignored if n not in helper_numbers]
     for n in sorted(helper_numbers):
         slot = next(rid for rid, numbers in helpers.items() if n in numbers)
         defined = sorted(layout.defined_names(student_cells[n - 1].get("source", "")))
-        notes.append(f"your cell {n} defines {layout._label(defined[:5])}, which your answers use: it was run before "
-                     f"the answer defining {layout._label(_names(ex, slot))}")
+        notes.append(f"your cell {n} defines {layout.names_label(defined[:5])}, which your answers use: it was run "
+                     f"before the answer defining {layout.names_label(_names(ex, slot))}")
     listed = ", ".join(f"{n} (`{first}`)" for n, first in ignored[:IGNORED_LISTED])
     if ignored:
         more = f" and {len(ignored) - IGNORED_LISTED} more" if len(ignored) > IGNORED_LISTED else ""
@@ -277,7 +265,7 @@ def assemble(ex: Exercise, submission: nbformat.NotebookNode, seed: int | None =
                      f"{'are' if len(ignored) > 1 else 'is'} not an answer cell and define{'' if len(ignored) > 1 else 's'} "
                      "no name your answers use, so "
                      f"{'they were' if len(ignored) > 1 else 'it was'} not run")
-    reviewed = [(f"the answer defining {layout._label(_names(ex, rid))}", match.sources.get(rid))
+    reviewed = [(f"the answer defining {layout.names_label(_names(ex, rid))}", match.sources.get(rid))
                 for rid in ex.answer_ids]
     reviewed += [(f"your helper cell {n}", student_cells[n - 1].get("source", "")) for n in sorted(helper_numbers)]
     for what, source in reviewed:
@@ -410,7 +398,7 @@ def _score(result: SubmissionResult, run, built: Assembled, ex: Exercise, refere
             cr.note = "not run"
             continue
         cr.note = ""
-        cr.produced = stream_text(rec.get("produced", []))
+        cr.produced = layout.stream_text(rec.get("produced", []))
         probed = reference is not None and cr.check.check_id in ex.judges
         visible = bool(rec.get("passed")) and _same_output(cr.produced, cr.check.expected, extra_lines_ok=probed)
         answer = cr.check.answer
@@ -504,9 +492,5 @@ def _status(result: SubmissionResult, run, timeout_s: float, cell_timeout_s: flo
         result.status = "graded"
 
 
-# re-exported for the command line and the gradebook
-from .feedback import feedback_markdown, fmt_points  # noqa: E402
-from .reference import exercise_checks  # noqa: E402
-
-__all__ = ["assemble", "exercise_checks", "feedback_markdown", "fmt_points", "grade_notebook", "load_exercise",
-           "read_submission", "NotANotebook", "SubmissionResult", "CheckResult"]
+__all__ = ["assemble", "feedback_markdown", "grade_notebook", "load_exercise", "read_submission", "NotANotebook",
+           "SubmissionResult", "CheckResult"]

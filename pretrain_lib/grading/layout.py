@@ -1,4 +1,4 @@
-"""Cells of exercise notebooks: tags, check numbering, check ids, and matching a student's cells.
+"""Cells of exercise notebooks: tags, check numbering, check ids, what a cell printed, matching a student's cells.
 
 Shared by the builder and the grader (one implementation of each rule):
 
@@ -6,6 +6,8 @@ Shared by the builder and the grader (one implementation of each rule):
 * :func:`defined_names`: the top-level names a cell's code defines (``def``, ``class``,
   assignments), read from its syntax tree after IPython's own transforms (so ``%magic``
   lines parse);
+* :func:`stream_text`: what a cell printed to stdout (and the error it raised), the text
+  a check cell's output is compared by;
 * :func:`match_answers`: which of a student's cells answer which answer cell, by the names
   the answer defines (``metadata.course.defines``, written by the builder), then by id.
   A split or merged cell, moved sections and changed ids therefore grade the same.
@@ -53,6 +55,19 @@ def check_id(cell) -> str:
         raise ValueError(f"check cell {cell.get('id')}: metadata 'check_id' must be a short lowercase id such as "
                          f"'mlm-loss' (got {cid!r}); add it to the solution and rebuild")
     return cid
+
+
+def stream_text(outputs) -> str:
+    """What a cell printed to stdout, and an error if it raised (stderr is never compared)."""
+    parts = []
+    for o in outputs or []:
+        kind = o.get("output_type")
+        if kind == "stream" and o.get("name") == "stdout":
+            text = o.get("text", "")
+            parts.append("".join(text) if isinstance(text, list) else str(text))
+        elif kind == "error":
+            parts.append(f"{o.get('ename')}: {o.get('evalue')}\n")
+    return "".join(parts)
 
 
 def python_source(source: str) -> str:
@@ -112,7 +127,8 @@ class Match:
     notes: list[str] = field(default_factory=list)
 
 
-def _label(names: list[str]) -> str:
+def names_label(names: list[str]) -> str:
+    """An answer named by what it defines, for notes to the student: ```f`, `g``` or "this answer"."""
     return ", ".join(f"`{n}`" for n in names) if names else "this answer"
 
 
@@ -168,7 +184,7 @@ def match_answers(reference_cells, student_cells) -> Match:
         match.sources[rid] = "\n\n".join(by_number[n].get("source", "") for n in numbers)
         names = answer_defines(ref)
         if len(numbers) > 1:
-            match.notes.append(f"the answer defining {_label(names)} was taken from your cells "
+            match.notes.append(f"the answer defining {names_label(names)} was taken from your cells "
                                f"{', '.join(map(str, numbers))} (run in that order)")
     merged = {}
     for rid, numbers in match.cells_used.items():
@@ -177,7 +193,7 @@ def match_answers(reference_cells, student_cells) -> Match:
             if defs:
                 merged.setdefault(n, set()).update(defs)
     for n, defs in sorted(merged.items()):
-        match.notes.append(f"your cell {n} also defines {_label(sorted(defs))}; it was used for those answers too")
+        match.notes.append(f"your cell {n} also defines {names_label(sorted(defs))}; it was used for those answers too")
     for n, _ in code:
         if n in slot_of:
             continue

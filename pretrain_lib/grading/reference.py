@@ -61,13 +61,8 @@ class Exercise:
     module_names: set[str] = field(default_factory=set)
 
 
-def _stdout(outputs) -> str:
-    from .grader import stream_text
-    return stream_text(outputs)
-
-
 def _title(cell, fallback: str) -> str:
-    for line in _stdout(cell.get("outputs", [])).splitlines():
+    for line in layout.stream_text(cell.get("outputs", [])).splitlines():
         if line.startswith("PASS "):
             return line[5:].strip()
     return fallback
@@ -86,7 +81,7 @@ def exercise_checks(nb: nbformat.NotebookNode) -> list[Check]:
         points = cell.metadata.get("points", 1)
         if not isinstance(points, (int, float)) or isinstance(points, bool) or points < 0:
             raise ValueError(f"check cell {cell.get('id')}: 'points' must be a non-negative number, got {points!r}")
-        checks.append(Check(cell.get("id"), cid, _title(cell, cid), float(points), _stdout(cell.outputs)))
+        checks.append(Check(cell.get("id"), cid, _title(cell, cid), float(points), layout.stream_text(cell.outputs)))
     return checks
 
 

@@ -84,7 +84,7 @@ def bwrap_problem() -> str | None:
 def status_line(memory_limit: int, sandboxed: bool | None = None) -> str:
     """The one line every grading run prints about its protection."""
     problem = bwrap_problem() if sandboxed is None else (None if sandboxed else "disabled")
-    how = "cgroup" if _cgroup_root() else "rlimit, per process"
+    how = "cgroup" if cgroup_root() else "rlimit, per process"
     if problem is None:
         who = f"as nobody (uid {SANDBOX_UID}), " if privilege_drop() is not None else ""
         return (f"sandbox: bubblewrap ({who}course read-only, solutions/exercises/records hidden, "
@@ -100,7 +100,7 @@ def status_line(memory_limit: int, sandboxed: bool | None = None) -> str:
 # --- limits -----------------------------------------------------------------------------------
 
 @lru_cache(maxsize=1)
-def _cgroup_root() -> tuple[str, Path, Path] | None:
+def cgroup_root() -> tuple[str, Path, Path] | None:
     """('v2', dir, dir) or ('v1', memory dir, pids dir) where this process may create cgroups."""
     base = Path("/sys/fs/cgroup")
     candidates = []
@@ -132,7 +132,7 @@ class Limits:
         self.memory_bytes, self.max_procs = memory_bytes, max_procs
         self.dirs: list[Path] = []
         self.as_nobody = privilege_drop() is not None   # computed here: preexec must not start processes
-        root = _cgroup_root()
+        root = cgroup_root()
         self.kind = root[0] if root else "rlimit"
         if root:
             kind, mem, pids = root
