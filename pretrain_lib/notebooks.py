@@ -112,7 +112,8 @@ def progress_line(run: NotebookRun, width: int = 0) -> str:
     return line + (f": {run.reason}" if run.reason else "")
 
 
-def print_table(runs: list[NotebookRun], file=sys.stdout) -> None:
+def print_table(runs: list[NotebookRun], file=None) -> None:
+    file = file or sys.stdout  # looked up per call: a caller (or a test) may have replaced sys.stdout
     width = max([len(r.notebook) for r in runs] + [8])
     print(f"\n{'notebook':<{width}}  {'seconds':>9}  status", file=file)
     print("-" * (width + 20), file=file)

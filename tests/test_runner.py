@@ -1,0 +1,73 @@
+"""The runner behind `make run`: one line per notebook, a reason for a failure, kernels over IPC (no TCP warning)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from pretrain_lib import notebooks
+from pretrain_lib.notebooks import NotebookRun, display_path, execute_notebook, progress_line
+
+
+def _notebook(folder: Path, name: str, *cells: str, parameters: str = "x = 1") -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells]
+    path = folder / "09_test" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def test_kernels_talk_over_unix_sockets_and_print_no_transport_warning(tmp_path, capfd):
+    nb = _notebook(tmp_path, "01_ipc.ipynb", "from ipykernel.kernelapp import IPKernelApp\n"
+                                            "print(IPKernelApp.instance().transport)")
+    run = execute_notebook(nb, build_dir=tmp_path / "build")
+    assert run.ok, run.error
+    executed = nbformat.read(tmp_path / "build" / "chapters" / "09_test" / nb.name, as_version=4)
+    assert executed.cells[1].outputs[0]["text"].strip() == "ipc"
+    out, err = capfd.readouterr()
+    assert "eavesdropping" not in out + err and "without encryption" not in out + err
+
+
+def test_a_failure_gives_a_one_line_reason_and_keeps_the_traceback(tmp_path):
+    nb = _notebook(tmp_path, "02_fails.ipynb", "assert x == 2, f'claim x_is_two failed: x = {x}\\nsecond line'")
+    run = execute_notebook(nb, build_dir=tmp_path / "build", parameters={"x": 3})
+    assert not run.ok
+    assert run.reason == "AssertionError: claim x_is_two failed: x = 3 second line"
+    assert "Traceback" in run.error or "AssertionError" in run.error
+    assert progress_line(run).endswith("  FAILED: AssertionError: claim x_is_two failed: x = 3 second line")
+
+
+def test_names_are_relative_to_the_repository():
+    inside = notebooks.REPO_ROOT / "chapters" / "00_overview" / "01_course_map.ipynb"
+    assert display_path(inside) == "chapters/00_overview/01_course_map.ipynb"
+    assert display_path(Path("/elsewhere/01_x.ipynb")) == "/elsewhere/01_x.ipynb"
+    # 16 characters padded to 20, two spaces, the seconds right-aligned in 7 ("   12.3"), " s", two spaces
+    assert progress_line(NotebookRun("chapters/a.ipynb", 12.34, True), width=20) == "chapters/a.ipynb" + " " * 9 + "12.3 s  ok"
+
+
+def test_command_line_prints_one_line_per_notebook_then_the_table(tmp_path, capsys):
+    ok = _notebook(tmp_path, "03_ok.ipynb", "print(x)")
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"03_ok": {"x": 5}}))
+    assert notebooks.main([str(ok), "--build-dir", str(tmp_path / "build"), "--params", str(params)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(str(ok)) and lines[0].endswith(" s  ok")
+    assert lines[2].split() == ["notebook", "seconds", "status"] and lines[-1].endswith("0 failed")
+    executed = nbformat.read(tmp_path / "build" / "chapters" / "09_test" / ok.name, as_version=4)
+    assert executed.cells[-1].outputs[0]["text"].strip() == "5"
+
+
+@pytest.mark.parametrize("content, message", [(None, "cannot read it as JSON"), ("[1, 2]", "expected {notebook_stem")])
+def test_a_bad_params_file_is_one_sentence(tmp_path, capsys, content, message):
+    params = tmp_path / "params.json"
+    if content is not None:
+        params.write_text(content)
+    nb = _notebook(tmp_path, "04_never_run.ipynb")
+    with pytest.raises(SystemExit) as exit_info:
+        notebooks.main([str(nb), "--params", str(params)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
