@@ -150,10 +150,10 @@ def test_links_must_resolve_inside_the_repository(tmp_path):
     (root / "docs" / "guide.md").write_text("See [the README](../README.md#two-commands) and [home](https://x.org).\n")
     (root / "README.md").write_text("Read [the guide](docs/guide.md).\n\n```\n[not a link](nowhere.md)\n```\n")
     assert lint.lint_repository(root) == []
-    (root / "README.md").write_text("Read [the notes](../shared/design/notes.md) and [this](docs/missing.md).\n")
+    (root / "README.md").write_text("Read [the notes](../outside/notes.md) and [this](docs/missing.md).\n")
     problems = lint.lint_repository(root)
     assert [(p.rule, p.message.split()[0]) for p in problems] == [
-        ("outside-link", "../shared/design/notes.md"), ("broken-link", "docs/missing.md")]
+        ("outside-link", "../outside/notes.md"), ("broken-link", "docs/missing.md")]
 
 
 def test_the_readme_stays_a_front_page(tmp_path):
