@@ -23,10 +23,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     ``"auto"`` picks CUDA when a GPU is visible, else Apple's MPS, else the CPU; the environment
     variable ``COURSE_DEVICE`` (e.g. ``cpu``) overrides that choice for every notebook at once.
     Anything else is passed to ``torch.device`` after checking that a CUDA or MPS request can be
-    honoured. MPS computes fp32 matrix products in a different order than the CPU and has no
-    float64, so results agree with the CPU's to about 1e-5 relative, not bit for bit; the few
-    course checks that compare two computations at tighter tolerances are written for CPU and
-    CUDA (``docs/running.md``, "Apple silicon").
+    honoured. MPS runs fp32 matrix products and reductions with its own kernels and in its own
+    order, and has no float64, so its results are not the CPU's bit for bit: the course checks
+    that compare two computations at rounding level are set for the CPU and CUDA
+    (``docs/running.md``, "Apple silicon"; ``COURSE_DEVICE=cpu`` is the way round).
     """
     if isinstance(device, torch.device):
         return device
