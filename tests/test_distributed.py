@@ -22,7 +22,7 @@ from pretrain_lib.distributed.pipeline_schedules import (bubble_fraction, bubble
                                                          replay_schedule, simulate_schedule, stage_layers)
 from pretrain_lib.distributed.process_group import setup
 from pretrain_lib.distributed.reference import global_batch
-from pretrain_lib.distributed.tensor_parallel import column_parallel_linear
+from pretrain_lib.distributed.tensor_parallel import ColumnParallelLinear
 from pretrain_lib.distributed.zero import zero_memory_formula
 from pretrain_lib.process_tree import process_group_alive
 
@@ -133,10 +133,12 @@ def test_idle_accounting_adds_up_to_the_window():
 
 
 def test_column_parallel_pieces_concatenate_to_full_output():
-    g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
-    parts = [column_parallel_linear(x, w, b, r, 2) for r in range(2)]
-    torch.testing.assert_close(torch.cat(parts, dim=-1), torch.nn.functional.linear(x, w, b))
+    torch.manual_seed(0)
+    full = torch.nn.Linear(8, 6)
+    x = torch.randn(3, 8)
+    parts = [ColumnParallelLinear(full, r, 2)(x) for r in range(2)]
+    assert [tuple(p.shape) for p in parts] == [(3, 3), (3, 3)]
+    torch.testing.assert_close(torch.cat(parts, dim=-1), torch.nn.functional.linear(x, full.weight, full.bias))
 
 
 def test_arithmetic_batch_follows_its_recurrence():

@@ -35,11 +35,6 @@ def normalize_for_hash(text: str) -> str:
     return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 
-def exact_hash(text: str) -> str:
-    """Hex SHA-256 of :func:`normalize_for_hash` of ``text``."""
-    return hashlib.sha256(normalize_for_hash(text).encode("utf-8")).hexdigest()
-
-
 @dataclass
 class DedupReport:
     docs_in: int = 0

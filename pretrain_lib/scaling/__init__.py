@@ -19,7 +19,7 @@ C ≈ 6 N D the training FLOPs. One concern per module:
 from .approach2 import IsoFlopFit, IsoFlopRun, fit_isoflop
 from .approach3 import PAPER_GRID, fit_chinchilla, grid_starts, huber, log_huber_objective
 from .law import (PARAM_NAMES, ChinchillaFit, chinchilla_loss, compute_optimal, compute_overhead, floor_size_factor,
-                  flops_per_token, loss_along_budget, scaling_params, training_flops)
+                  flops_per_token, scaling_params, training_flops)
 from .lbfgs import BatchedLBFGSResult, batched_lbfgs
 from .published import DATA_FILE, EPOCH_FIT, PAPER_FIT, REPLICATION_FIT, ChinchillaData, load_chinchilla_data
 from .sweep import ModelShape, SweepData, prepare_sweep_data, run_isoflop_sweep, split_texts, sweep_batches
@@ -28,6 +28,6 @@ __all__ = [
     "BatchedLBFGSResult", "ChinchillaData", "ChinchillaFit", "DATA_FILE", "EPOCH_FIT", "IsoFlopFit", "IsoFlopRun",
     "ModelShape", "PAPER_FIT", "PAPER_GRID", "PARAM_NAMES", "REPLICATION_FIT", "SweepData", "batched_lbfgs",
     "chinchilla_loss", "compute_optimal", "compute_overhead", "fit_chinchilla", "fit_isoflop", "floor_size_factor",
-    "flops_per_token", "grid_starts", "huber", "load_chinchilla_data", "log_huber_objective", "loss_along_budget",
+    "flops_per_token", "grid_starts", "huber", "load_chinchilla_data", "log_huber_objective",
     "prepare_sweep_data", "run_isoflop_sweep", "scaling_params", "split_texts", "sweep_batches", "training_flops",
 ]

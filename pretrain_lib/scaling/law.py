@@ -144,12 +144,6 @@ def compute_optimal(C, fit: ChinchillaFit) -> tuple[np.ndarray | float, np.ndarr
     return n_opt, d_opt
 
 
-def loss_along_budget(C: float, N, fit: ChinchillaFit):
-    """The fitted loss of a model of N parameters trained on D = C / (6N) tokens."""
-    N = np.asarray(N, dtype=float)
-    return fit(N, C / (6.0 * N))
-
-
 def compute_overhead(N, C: float, fit: ChinchillaFit):
     """The cost of an off-optimal model size: the extra compute (as a fraction of C) that a
     model of N parameters needs to reach the loss the compute-optimal model reaches with C.
