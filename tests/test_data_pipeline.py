@@ -411,6 +411,41 @@ def test_mlm_collator_masks_dynamically_and_spares_specials():
         assert torch.equal(out["labels"][chosen], torch.stack(windows)[chosen])
 
 
+def _within_binomial(count: int, n: int, p: float, sds: float = 5.0) -> bool:
+    """``count`` of ``n`` Bernoulli(p) draws lies within ``sds`` standard deviations sqrt(n p (1 - p))
+    of n p (5 sds: a false alarm about once in 1.7 million seeds; each test fixes its seed)."""
+    return abs(count - n * p) <= sds * (n * p * (1 - p)) ** 0.5
+
+
+def test_mlm_collator_selects_15_percent_and_splits_80_10_10():
+    """The collator's own defaults, over 20 batches (64,000 maskable positions), against BERT's rates.
+
+    Each count is binomial. A random replacement is drawn from the 95 ordinary ids (never 0-4,
+    the specials and [MASK]) and equals the original with probability 1/95, so then it reads as
+    kept: P(kept) = 0.1 + 0.1/95, P(visibly replaced) = 0.1 * 94/95."""
+    windows = [torch.tensor([2] + list(range(10, 60)) + [3]) for _ in range(64)]
+    originals = torch.stack(windows)
+    collate = MLMCollator(mask_token_id=1, vocab_size=100, special_token_ids=[0, 2, 3, 4], seed=0)
+    eligible = selected = masked = replaced = kept = 0
+    for _ in range(20):
+        out = collate(windows)
+        chosen = out["labels"] != -100
+        inputs = out["input_ids"]
+        eligible += originals[:, 1:-1].numel()
+        selected += int(chosen.sum())
+        masked += int((chosen & (inputs == 1)).sum())
+        kept += int((chosen & (inputs == originals)).sum())
+        swapped = chosen & (inputs != 1) & (inputs != originals)
+        replaced += int(swapped.sum())
+        assert (inputs[swapped] > 4).all() and (inputs[swapped] < 100).all()   # only ordinary ids are drawn
+        assert torch.equal(inputs[~chosen], originals[~chosen])                # unselected positions untouched
+    assert eligible == 64_000 and masked + replaced + kept == selected
+    assert _within_binomial(selected, eligible, 0.15), selected / eligible
+    assert _within_binomial(masked, selected, 0.8), masked / selected
+    assert _within_binomial(replaced, selected, 0.1 * 94 / 95), replaced / selected
+    assert _within_binomial(kept, selected, 0.1 + 0.1 / 95), kept / selected
+
+
 def test_random_batch_reads_a_memmap(numbered_shards):
     shard = read_index(numbered_shards).shard(0)
     x, y = random_batch(shard, batch_size=4, seq_len=16, generator=torch.Generator().manual_seed(0))

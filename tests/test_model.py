@@ -84,12 +84,16 @@ def test_flops_per_token_against_torch_flop_counter():
     with FlopCounterMode(display=False) as counter:
         clm_loss(m(x), x).backward()
     measured_per_token = counter.get_total_flops() / x.numel()
-    # the token embedding is the output projection (tied); position embeddings are lookups
-    matrices = sum(p.numel() for n, p in m.named_parameters() if p.dim() >= 2 and "pos_emb" not in n)
-    assert measured_per_token == 6 * matrices
-    vectors = m.num_params(non_embedding=True) + 50 * 32 - matrices  # biases and LayerNorm gains
+    d, f, v, L = 32, 128, 50, 2
+    # per block: qkv, output projection, MLP up and down; the token embedding is the (tied) output
+    # projection; position embeddings are lookups, not multiplies
+    matrices = L * (d * 3 * d + d * d + d * f + f * d) + v * d
+    assert matrices == 26_176 and measured_per_token == 6 * matrices
+    # in N but in no multiply: two LayerNorms and four biases per block, the final LayerNorm
+    vectors = L * (2 * 2 * d + 3 * d + d + f + d) + 2 * d
+    assert vectors == 896
     attention_by_hand = 12_288  # 2 layers · 16 positions · width 32 · (QKᵀ + AV) · 2 FLOPs · 3 (fwd+bwd) = 12·2·16·32
-    assert m.flops_per_token(seq_len=16) == measured_per_token + 6 * vectors + attention_by_hand
+    assert m.flops_per_token(seq_len=16) == 6 * (matrices + vectors) + attention_by_hand
 
 
 def test_initial_loss_is_about_log_vocab():

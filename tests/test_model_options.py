@@ -145,9 +145,15 @@ def test_prefix_mask_by_hand_and_in_the_model():
         pre = model(ids, prefix_len=torch.tensor([4]))
         pre_changed = model(changed, prefix_len=torch.tensor([4]))
         torch.testing.assert_close(model(ids, prefix_len=torch.tensor([0])), plain)
+        later = ids.clone()
+        later[0, 6] = (ids[0, 6] + 1) % 50
+        pre_later = model(later, prefix_len=torch.tensor([4]))
     torch.testing.assert_close(plain[0, :2], plain_changed[0, :2])  # causal: the past cannot see token 2
     assert not torch.allclose(pre[0, :2], pre_changed[0, :2])       # prefix: positions 0-1 see token 2
-    torch.testing.assert_close(pre[0, 4:], model(ids, prefix_len=torch.tensor([4]))[0, 4:])
+    # after the prefix the mask is causal again: a change at position 6 reaches positions 6-7 only,
+    # so the prefix (0-3) and the targets before it (4-5) are exactly what they were
+    torch.testing.assert_close(pre_later[0, :6], pre[0, :6])
+    assert not torch.allclose(pre_later[0, 6:], pre[0, 6:])
 
 
 @pytest.mark.parametrize("bad", [dict(norm="batchnorm"), dict(mlp="tanh"), dict(position="alibi"),

@@ -3,20 +3,19 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO
 from pretrain_lib.model import GPT, ModelConfig
-from pretrain_lib.monitor import (Monitor, RollingZScore, check_initial_loss, datasheet_peak, grad_norms,
+from pretrain_lib.monitor import (Monitor, RollingZScore, check_initial_loss, count_host_reads, datasheet_peak,
+                                  grad_norms,
                                   LayerIndex, layer_of, mfu, peak_flops, peak_flops_info, plot_run, read_jsonl,
                                   rolling_spikes)
 from pretrain_lib.monitor import peak as peak_module
 from pretrain_lib.train import clm_objective, train
 
-_TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 VOCAB = 40
 KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
 
@@ -108,25 +107,12 @@ def test_jsonl_lines_parse_and_carry_the_documented_keys(tmp_path):
     assert read_jsonl(path) == lines
 
 
-def test_monitor_adds_at_most_one_host_read_per_logged_step(monkeypatch):
+def test_monitor_adds_at_most_one_host_read_per_logged_step():
     def count_reads(callbacks):
-        reads = []
-
-        def counting(name):
-            original = getattr(torch.Tensor, name)
-
-            def wrapper(self, *args, **kwargs):
-                if not sys._getframe(1).f_code.co_filename.startswith(_TORCH_DIR):
-                    reads.append(name)
-                return original(self, *args, **kwargs)
-            return wrapper
-
-        with monkeypatch.context() as patch:
-            for name in ("item", "__int__", "__float__", "__bool__", "tolist", "__index__"):
-                patch.setattr(torch.Tensor, name, counting(name))
+        with count_host_reads() as reads:
             train(_gpt(), _batches(_data()), clm_objective, steps=20, log_every=5, device="cpu",
                   progress=False, callbacks=callbacks)
-        return len(reads)
+        return reads.count
 
     bare = count_reads([])
     monitored = count_reads([Monitor(peak_flops=1e12)])
@@ -486,6 +472,7 @@ from pretrain_lib.train import train_step, clm_objective, TrainConfig, TrainStat
 from pretrain_lib.optim import build_optimizer
 from pretrain_lib.monitor import Monitor
 from pretrain_lib.distributed.strategies import apply_fsdp
+from pretrain_lib.distributed.metrics import write_metrics
 
 
 def run(sharded):
@@ -513,7 +500,7 @@ if dist.get_rank() == 0:
     single = run(False)
     pairs = [(a[key][name], b[key][name]) for a, b in zip(sharded, single)
              for key in ("layer_grad_norms", "layer_update_ratios") for name in b[key]]
-    json.dump({"pairs": pairs, "steps": [r["step"] for r in sharded]}, open(sys.argv[1], "w"))
+    write_metrics(sys.argv[sys.argv.index("--out") + 1], {"pairs": pairs, "steps": [r["step"] for r in sharded]})
 dist.destroy_process_group()
 '''
 
@@ -523,15 +510,12 @@ dist.destroy_process_group()
 def test_fsdp_shard_norms_equal_the_single_process_norms(tmp_path):
     """Under FSDP2 each rank holds shards: the monitor sums squared shard norms over ranks."""
     import os
-    import subprocess
 
-    script, out = tmp_path / "fsdp_monitor.py", tmp_path / "out.json"
-    script.write_text(_FSDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(out)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    from pretrain_lib.distributed.launch import run_torchrun
+
+    (tmp_path / "fsdp_monitor.py").write_text(_FSDP_SCRIPT)
+    result = run_torchrun("fsdp_monitor", run_dir=tmp_path / "run", stream=False, timeout_s=300,
+                          env={"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}).metrics
     assert result["steps"] == [3, 6] and len(result["pairs"]) == 2 * 2 * 5
     for sharded, single in result["pairs"]:
         assert sharded == pytest.approx(single, rel=1e-5)

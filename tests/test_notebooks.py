@@ -1,6 +1,9 @@
 """Every chapter notebook executes headlessly with small parameters and its own assertions hold."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from conftest import REPO, notebook_test_parameters
@@ -15,8 +18,17 @@ def launches_torchrun(notebook) -> bool:
     return notebook.parent.name == "03_distributed" or "run_torchrun" in text or "distributed.launch" in text
 
 
-def test_there_are_chapter_notebooks():
-    assert len(NOTEBOOKS) >= 4
+def test_every_chapter_notebook_is_found_in_course_order():
+    """Against a plain walk of the folder: every notebook of every chapter folder, nothing else."""
+    on_disk = []
+    for folder, subfolders, files in os.walk(REPO / "chapters"):
+        subfolders[:] = [s for s in subfolders if s != ".ipynb_checkpoints"]
+        on_disk += [Path(folder) / f for f in files if f.endswith(".ipynb")]
+    chapters = sorted(p.name for p in (REPO / "chapters").iterdir() if p.is_dir() and p.name[:2].isdigit())
+    assert chapters == [f"{n:02d}_{p.split('_', 1)[1]}" for n, p in enumerate(chapters)]   # 00, 01, ... no gap
+    assert len(chapters) >= 9 and len(on_disk) >= 34
+    assert {p.parent.name for p in NOTEBOOKS} == set(chapters)
+    assert sorted(NOTEBOOKS) == NOTEBOOKS and sorted(NOTEBOOKS) == sorted(on_disk)
 
 
 @pytest.mark.notebook

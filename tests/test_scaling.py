@@ -40,16 +40,21 @@ def test_flops_per_token_counted_by_hand():
     assert flops_per_token(cfg) == 196_032
     assert flops_per_token(cfg, seq_len=8) == 171_456 + 12 * 2 * 8 * 32
     assert training_flops(cfg, 1000) == 196_032_000
-    # one formula in the course: scaling reuses the model's count (a real GPT or a config)
+    # a built GPT is counted like its config: the same hand-worked figures
     torch.manual_seed(0)
     model = GPT(cfg)
-    assert flops_per_token(model) == model.flops_per_token() and scaling.scaling_params(model) == model.matmul_params()
+    assert scaling.scaling_params(model) == 28_576 and flops_per_token(model) == 196_032
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(d_model=64, n_layers=3, max_seq_len=64, vocab_size=300)])
 def test_training_flops_against_profiler(kw):
     """FlopCounterMode counts every matmul of one forward + backward step. The math SDPA backend
-    computes attention as explicit matmuls (the CPU flash kernel is not in the profiler's table)."""
+    computes attention as explicit matmuls (the CPU flash kernel is not in the profiler's table).
+
+    The prediction is within the 3 % the README states, and the gap is exactly accounted for:
+    6 N D counts every parameter, but the biases and LayerNorm gains and biases (13 per width
+    per block: two LayerNorms 2·2d, biases 3d + d + 4d + d; the final LayerNorm 2d) take part
+    in no matrix multiply, and the profiler counts only those."""
     cfg = _cfg(**kw)
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -58,7 +63,9 @@ def test_training_flops_against_profiler(kw):
         clm_loss(model(ids), ids).backward()
     measured = counter.get_total_flops()
     predicted = training_flops(cfg, ids.numel())
-    assert abs(predicted - measured) / measured < 0.10, (predicted, measured)
+    assert abs(predicted - measured) / measured < 0.03, (predicted, measured)
+    no_multiply = 13 * cfg.d_model * cfg.n_layers + 2 * cfg.d_model
+    assert predicted - measured == 6 * no_multiply * ids.numel()
 
 
 def test_flop_bad_input():
@@ -265,7 +272,8 @@ def test_compute_optimal_matches_brute_force(C):
     n_opt, d_opt = compute_optimal(C, fit)
     assert 6 * n_opt * d_opt == pytest.approx(C, rel=1e-12)
     grid = np.exp(np.linspace(np.log(n_opt) - 3, np.log(n_opt) + 3, 200_001))
-    brute = grid[np.argmin(scaling.loss_along_budget(C, grid, fit))]
+    along_budget = chinchilla_loss(grid, C / (6 * grid), **fit.params)   # every N spending exactly C
+    brute = grid[np.argmin(along_budget)]
     assert brute == pytest.approx(n_opt, rel=1e-4)
     # arrays broadcast; ten times the compute multiplies N_opt by 10^exponent_n_opt, which by
     # hand is 0.37 / 0.72 = 0.5139 for this fit
