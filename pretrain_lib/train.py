@@ -309,7 +309,8 @@ def _call(callbacks, hook: str, state: TrainState) -> None:
 def train(model: nn.Module, batches, objective: Objective, config: TrainConfig | None = None, *,
           callbacks: Iterable[Any] = (), optimizer: torch.optim.Optimizer | None = None,
           eval_fn: Callable[[nn.Module], float] | None = None, progress: bool | None = None,
-          desc: str = "train", dp_group: dist.ProcessGroup | bool | None = None, **overrides) -> TrainHistory:
+          desc: str = "train", dp_group: dist.ProcessGroup | bool | None = None, start_step: int = 0,
+          tokens_offset: int = 0, **overrides) -> TrainHistory:
     """Train ``model`` for ``config.steps`` optimiser steps and return the loss history.
 
     ``batches``: ``next_batch(i) -> dict`` (called once per micro-batch with a running index)
@@ -318,6 +319,10 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
     ``train(model, next_batch, clm_objective, steps=200, lr=1e-3)`` works without a config.
     ``eval_fn(model)`` runs every ``eval_every`` steps and at the end, in eval mode without
     gradients. Callbacks may define ``on_step(state)``, ``on_eval(state)``, ``on_end(state)``.
+    ``start_step`` continues a run: the loop trains steps ``start_step .. config.steps - 1``, so
+    the schedule, ``state.step``, the logged steps and ``eval_every`` all count the whole run's
+    steps; ``tokens_offset`` is the tokens the earlier part of the run saw (``state.tokens_seen``
+    starts there). The history holds the steps trained in this call.
     ``progress=None`` shows a bar unless the run is headless (papermill, CI). ``dp_group``
     is passed to ``train_step`` (default: the whole world when ``model`` is DDP-wrapped).
     """
@@ -327,6 +332,8 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
         raise TypeError(f"train() got unknown settings {unknown}; valid ones are {sorted(valid)}")
     config = replace(config, **overrides) if config is not None else TrainConfig(**overrides)
     callbacks = list(callbacks)
+    if not isinstance(start_step, int) or not 0 <= start_step < config.steps:
+        raise ValueError(f"train(start_step={start_step!r}) must lie in [0, steps={config.steps})")
 
     seed_everything(config.seed)
     device = resolve_device(config.device)
@@ -347,17 +354,18 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
     forward_model = torch.compile(model) if use_compile else model
     fetch = _batch_source(batches)
     history = TrainHistory()
-    state = TrainState(step=0, model=model, optimizer=opt, config=config, batches=batches, history=history)
+    state = TrainState(step=start_step, model=model, optimizer=opt, config=config, batches=batches, history=history,
+                       tokens_seen=tokens_offset)
 
     if progress is None:
         progress = not is_headless()
     from tqdm.auto import tqdm
-    bar = tqdm(total=config.steps, desc=desc, disable=not progress)
+    bar = tqdm(total=config.steps, initial=start_step, desc=desc, disable=not progress)
 
     pending: list[StepResult] = []     # steps not yet read back to the host
     start = time.perf_counter()
     micro_index = 0
-    for step in range(config.steps):
+    for step in range(start_step, config.steps):
         if config.lr_schedule is not None:
             lr = float(config.lr_schedule(step))
             for group in opt.param_groups:
@@ -391,7 +399,7 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
         else:
             state.nonfinite_in_a_row = 0
 
-        if len(pending) == config.log_every or step + 1 == config.steps:
+        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:   # whole-run step numbers
             _read_back(pending, history, step + 1 - len(pending))
             pending.clear()
             state.metrics = {"step": step + 1, "loss": history.losses[-1], "grad_norm": history.grad_norms[-1],
@@ -436,15 +444,20 @@ def _read_back(pending: list[StepResult], history: TrainHistory, first_step: int
 
 
 # ----------------------------------------------------------------------------- the capstone trainer
-# ``python -m pretrain_lib.train --config configs/NAME.toml`` and ``run(config)`` live in
-# pretrain_lib/capstone/ (config, data, checkpoints, callbacks); they train through train() above.
+# The capstone trainer (config, data, checkpoints, callbacks, command line) sits above this engine in
+# pretrain_lib/capstone/ and trains through train() above; this module never imports it. Its command line
+# keeps its old name: ``python -m pretrain_lib.train --config configs/NAME.toml`` runs capstone.cli when this
+# file is executed as __main__ (a separate module object, so no import cycle).
 
-def run(config, **kwargs):
-    """Train the run a TOML config describes; see :func:`pretrain_lib.capstone.trainer.run`."""
-    from .capstone.trainer import run as _run
-    return _run(config, **kwargs)
+def __getattr__(name: str):
+    # DEPRECATED: ``from pretrain_lib.train import run`` (chapter 7's notebooks still use it); the function is
+    # ``pretrain_lib.capstone.run``. Remove this hook once no caller uses the old name.
+    if name == "run":
+        import importlib
+        return importlib.import_module("pretrain_lib.capstone.trainer").run
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    from .capstone.trainer import main
+    from pretrain_lib.capstone.cli import main
     raise SystemExit(main())

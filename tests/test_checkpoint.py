@@ -130,3 +130,47 @@ def test_a_failed_background_write_is_raised_in_the_training_thread(tmp_path, mo
     with pytest.raises(ckpt.CheckpointError, match="No space left on device"):
         writer.wait()
     writer.wait()   # reported once; the writer is usable again
+
+
+# ----------------------------------------------------------------------------- retention and permissions
+
+def test_retention_keeps_the_new_checkpoint_not_a_corrupt_later_one(tmp_path):
+    """A run resumed from step 4 past a corrupt step 8 writes step 6: 6 must stay, and 8 (a dead timeline) go."""
+    for step in (4, 8):
+        ckpt.save_checkpoint(tmp_path, step, _state(step), keep=2)
+    (tmp_path / "ckpt_00000008.pt").write_bytes(b"garbage")
+    path, _ = ckpt.load_latest(tmp_path, log=lambda _: None)
+    assert path.name == "ckpt_00000004.pt"
+    ckpt.save_checkpoint(tmp_path, 6, _state(6), keep=1)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [6]
+    assert ckpt.load_latest(tmp_path)[1]["step"] == 6
+
+
+def test_retention_counts_keep_from_the_new_checkpoint_backwards(tmp_path):
+    for step in (2, 4, 8):
+        ckpt.save_checkpoint(tmp_path, step, _state(step), keep=3)
+    ckpt.save_checkpoint(tmp_path, 6, _state(6), keep=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4, 6]
+    assert (tmp_path / ckpt.POINTER).read_text().strip() == "ckpt_00000006.pt"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o007, 0o660)])
+def test_checkpoints_and_rewritten_files_follow_the_users_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        path = ckpt.save_checkpoint(tmp_path, 1, _state(1))
+        rewritten = ckpt.atomic_write_bytes(tmp_path / "metrics.jsonl", b"{}\n")
+    finally:
+        os.umask(old)
+    for p in (path, tmp_path / ckpt.POINTER, rewritten):
+        assert p.stat().st_mode & 0o777 == mode, f"{p.name}: {oct(p.stat().st_mode & 0o777)}"
+
+
+def test_previous_run_and_clear_run(tmp_path):
+    assert ckpt.previous_run(tmp_path) == []
+    ckpt.save_checkpoint(tmp_path, 3, _state(3))
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert ckpt.previous_run(tmp_path) == ["ckpt_00000003.pt", "metrics.jsonl", "latest"]
+    ckpt.clear_run(tmp_path)
+    assert ckpt.previous_run(tmp_path) == [] and (tmp_path / "notes.txt").read_text() == "mine"

@@ -283,7 +283,7 @@ def test_a_folder_of_the_users_text_files_is_a_corpus(tmp_path):
 
 @pytest.mark.xdist_group("torchrun")   # never two 2-rank jobs on 2 cores at once
 def test_ddp_on_two_ranks_resumes_and_equals_one_process(tmp_path, cache_dir):
-    base = tiny(tmp_path / "unused", cache_dir, steps=12)
+    base = tiny(tmp_path / "unused", cache_dir, steps=12, decay_steps=12)   # the 8-step part follows the 12-step LRs
     base["model"]["dropout"] = 0.0      # ranks draw their own dropout masks; one process draws one set
     config = REPO / "configs" / "gpt-char-tiny.toml"
     single = subprocess.run([sys.executable, "-m", "pretrain_lib.train", "--config", str(config), *_sets(base),
@@ -305,7 +305,7 @@ def test_fsdp_writes_sharded_checkpoints_and_resumes_bit_identically(tmp_path, c
     from pretrain_lib.capstone import sharded
     from pretrain_lib.capstone.trainer import build_model
 
-    base = tiny(tmp_path / "single", cache_dir, steps=12)
+    base = tiny(tmp_path / "single", cache_dir, steps=12, decay_steps=12)   # the cut run's LRs are the whole run's
     base["model"]["dropout"] = 0.0
     config = REPO / "configs" / "gpt-char-tiny.toml"   # the command line's base: its keys fill in the rest
     single = run(config, overrides=[f"{k}={json.dumps(v)}" for k, v in _flatten(base).items()], progress=False,
@@ -354,3 +354,133 @@ def _flatten(table: dict) -> dict:
     flat = {k: v for k, v in table.items() if not isinstance(v, dict)}
     flat.update({f"{s}.{k}": v for s, vals in table.items() if isinstance(vals, dict) for k, v in vals.items()})
     return flat
+
+
+# ----------------------------------------------------------------------------- defects a new user met (issue 21)
+
+def test_a_new_run_into_an_earlier_runs_folder_is_refused_and_loses_nothing(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    first = run(config_from_dict(tiny(out, cache_dir, steps=8)), verbose=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ckpt.CheckpointError, match=r"already holds a run.*--resume.*out_dir=.*--overwrite"):
+        run(config_from_dict(tiny(out, cache_dir, steps=8, lr=1e-3)), overwrite=False, verbose=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before, "a refusal changes nothing"
+    again = run(config_from_dict(tiny(out, cache_dir, steps=8, lr=1e-3)), overwrite=True, verbose=False)
+    assert [ln["step"] for ln in read_metrics(out) if "loss" in ln] == list(range(1, 9)), "only the new run's lines"
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [4, 8]
+    _, state = ckpt.load_latest(out)
+    new = again.model.state_dict()
+    assert all(torch.equal(state["model"][k], new[k]) for k in new), "latest is the new run's checkpoint"
+    assert again.losses[1:] != first.losses[1:]
+    with pytest.raises(ValueError, match="contradict"):
+        run(config_from_dict(tiny(out, cache_dir, steps=8)), resume=True, overwrite=True, verbose=False)
+
+
+def test_resume_past_a_corrupt_checkpoint_keeps_the_new_one(tmp_path, cache_dir):
+    """keep = 1 after a fallback: retention used to keep the corrupt step-8 file and delete the new one."""
+    out = tmp_path / "run"
+    run(config_from_dict(tiny(out, cache_dir, steps=8)), verbose=False)
+    (out / ckpt.checkpoint_name(8)).write_bytes(b"truncated")
+    table = tiny(out, cache_dir, steps=6)
+    table["checkpoint"]["keep"] = 1
+    resumed = run(config_from_dict(table), resume=True, verbose=False)
+    assert resumed.start_step == 4 and resumed.steps == 6
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [6]
+    assert ckpt.load_latest(out, log=pytest.fail)[1]["step"] == 6
+
+
+def test_resume_without_a_checkpoint_is_an_error_unless_auto(tmp_path, cache_dir):
+    with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint in .*spelled right.*--resume=auto"):
+        run(config_from_dict(tiny(tmp_path / "typo", cache_dir, steps=4)), resume=True, verbose=False)
+    fresh = run(config_from_dict(tiny(tmp_path / "new", cache_dir, steps=4)), resume="auto", verbose=False)
+    assert fresh.start_step == 0 and fresh.steps == 4
+    again = run(config_from_dict(tiny(tmp_path / "new", cache_dir, steps=6)), resume="auto", verbose=False)
+    assert again.start_step == 4 and again.steps == 6
+
+
+def test_data_folder_alone_selects_the_folder_and_a_contradiction_is_an_error():
+    c = load_config(REPO / "configs" / "gpt-char-tiny.toml", ["data.folder=my_texts"])
+    assert (c.data.corpus, c.data.folder) == ("folder", "my_texts")
+    c = load_config(REPO / "configs" / "gpt-char-tiny.toml", ["data.corpus=folder", "data.folder=t"])
+    assert c.data.corpus == "folder"
+    with pytest.raises(ConfigError, match=r"data\.folder = 'my_texts' is set but data\.corpus = 'shakespeare'"):
+        config_from_dict({"data": {"corpus": "shakespeare", "folder": "my_texts"}})
+    with pytest.raises(ConfigError, match="needs data.folder"):
+        load_config(REPO / "configs" / "gpt-char-tiny.toml", ["data.corpus=folder"])
+
+
+def test_a_resume_into_a_wider_model_is_a_short_error_not_a_traceback(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    run(config_from_dict(tiny(out, cache_dir, steps=4)), verbose=False)
+    wider = {**tiny(out, cache_dir, steps=8), "allow_config_change": True}
+    wider["model"]["d_model"] = 64
+    with pytest.raises(ckpt.CheckpointError) as err:
+        run(config_from_dict(wider), resume=True, verbose=False)
+    message = str(err.value)
+    assert "do not fit the model" in message and "never the model's shape" in message and len(message) < 800
+    assert err.value.__context__ is None, "refused before load_state_dict, not wrapped around its traceback"
+
+
+def _text_folder(folder: Path, n_docs: int = 4) -> Path:
+    folder.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly numbers".split()
+    for i in range(n_docs):
+        (folder / f"doc{i}.txt").write_text(" ".join(words[(i + k) % len(words)] for k in range(400)) + "\n")
+    return folder
+
+
+def test_a_changed_folder_is_named_as_changed_data_and_can_be_continued(tmp_path, cache_dir):
+    folder = _text_folder(tmp_path / "texts")
+    table = tiny(tmp_path / "run", tmp_path / "cache", steps=4)
+    table["data"] = {"corpus": "folder", "folder": str(folder), "tokenizer": "char", "cache_dir": str(tmp_path / "c"),
+                     "val_fraction": 0.2}
+    run(config_from_dict(table), verbose=False)
+    with (folder / "doc0.txt").open("a") as f:
+        f.write("the lazy dog\n")                     # the folder grew by one line
+    longer = {**table, "train": {**table["train"], "steps": 8}}
+    with pytest.raises(ckpt.CheckpointError, match=r"(?s)data fingerprint.*training data changed.*allow_config_change"):
+        run(config_from_dict(longer), resume=True, verbose=False)
+    continued = run(config_from_dict({**longer, "allow_config_change": True}), resume=True, verbose=False)
+    assert continued.start_step == 4 and continued.steps == 8
+
+
+def test_the_schedule_follows_a_shortened_run_and_a_cut_off_decay_is_named():
+    from pretrain_lib.capstone.config import schedule_warnings
+    from pretrain_lib.capstone.trainer import lr_schedule
+    short = load_config(REPO / "configs" / "gpt-char-tiny.toml", ["train.steps=200"])
+    schedule = lr_schedule(short)
+    assert schedule(199) < 1.05 * short.train.min_lr, "the decay must end with the run"
+    assert schedule_warnings(short) == []
+    cut = load_config(REPO / "configs" / "gpt-char-tiny.toml", ["train.steps=200", "train.decay_steps=2000"])
+    assert lr_schedule(cut)(199) > 0.9 * cut.train.lr
+    (warning,) = schedule_warnings(cut)
+    assert "decay_steps=2000 is beyond train.steps=200" in warning
+
+
+def test_thread_choice_never_oversubscribes_and_warns_when_cores_are_busy():
+    from pretrain_lib.capstone.threads import choose_threads
+    # the issue's case: 2 cores, another process busy on one; torch would start 2 threads
+    assert choose_threads(torch_default=2, cores=2, load_1min=1.0)[0] == 1
+    threads, warning = choose_threads(torch_default=2, cores=2, load_1min=1.0)
+    assert "load average is 1.0 on 2 cores" in warning and "instead of 2" in warning
+    assert choose_threads(torch_default=8, cores=8, load_1min=0.1) == (8, None)
+    assert choose_threads(torch_default=8, cores=8, local_world_size=2, load_1min=0.0) == (4, None)
+    assert choose_threads(torch_default=4, cores=16, load_1min=None) == (4, None), "never more than torch's default"
+    assert choose_threads(torch_default=2, cores=2, load_1min=7.5)[0] == 1, "at least one thread"
+    requested, warning = choose_threads(torch_default=2, cores=2, load_1min=1.2, requested=2)
+    assert requested == 2 and "as requested" in warning
+    assert choose_threads(torch_default=2, cores=2, load_1min=1.2, requested=1) == (1, None)
+
+
+def test_preparation_names_the_dropped_files_and_thresholds_come_from_the_config(tmp_path, capsys):
+    folder = _text_folder(tmp_path / "texts", n_docs=2)
+    (folder / "short.txt").write_text("only five words in here\n")
+    settings = {"corpus": "folder", "folder": str(folder), "cache_dir": str(tmp_path / "cache"), "val_fraction": 0.2}
+    prepared = prepare_data(config_from_dict({"data": settings}).data)
+    printed = capsys.readouterr().out
+    assert "cleaning dropped 1 of 3 documents" in printed and "short.txt: length (50 ≤ words" in printed
+    assert prepared.meta["documents"] == 2 and prepared.meta["dropped"] == {"length": ["short.txt"]}
+    lenient = prepare_data(config_from_dict({"data": {**settings, "min_words": 3}}).data, verbose=False)
+    assert lenient.meta["documents"] == 3 and lenient.fingerprint != prepared.fingerprint
+    with pytest.raises(ConfigError, match="max_duplicate_lines must lie in"):
+        config_from_dict({"data": {**settings, "max_duplicate_lines": 2.0}})

@@ -54,12 +54,22 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` as the user's umask lets a new file have it (what ``open(path, "w")`` gives)."""
+    current = os.umask(0)   # reading the umask means setting it; put it straight back
+    os.umask(current)
+    return mode & ~current
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one,
-    never a mixture: temporary file in the same folder → fsync → rename → fsync of the folder."""
+    never a mixture: temporary file in the same folder → fsync → rename → fsync of the folder.
+    The file gets the permissions the user's umask gives a new file (``mkstemp`` alone would make
+    it 0600, unreadable by a group sharing the run)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -117,13 +127,45 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], *, kee
 
 
 def point_and_prune(folder: Path, newest: Path, *, keep: int) -> None:
-    """Point ``latest`` at ``newest`` (already safe on disk), then delete all but the last ``keep``."""
+    """Point ``latest`` at ``newest`` (already safe on disk), then apply the retention rule.
+
+    Retention follows the run's own history, not the file names: ``newest`` and the ``keep - 1``
+    checkpoints before it stay. A checkpoint numbered *after* ``newest`` can only be left from a
+    timeline this run abandoned (it resumed from an earlier step because that file was corrupt
+    or unreadable), so it is deleted, never kept in place of the good one just written."""
     atomic_write_bytes(folder / POINTER, newest.name.encode() + b"\n")
-    for _, old in list_checkpoints(folder)[:-keep]:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+    step = int(_NAME.match(newest.name).group(1))
+    history = list_checkpoints(folder)
+    stale = [p for s, p in history if s > step]
+    older = [p for s, p in history if s <= step and p != newest]
+    for old in stale + older[:max(0, len(older) - (keep - 1))]:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+RUN_FILES = ("metrics.jsonl", "metrics.json", POINTER, "tensorboard")   # what a run writes besides checkpoints
+
+
+def previous_run(folder: str | Path) -> list[str]:
+    """The files of an earlier run in ``folder`` (checkpoints, metrics, ...), by name; empty when none."""
+    folder = Path(folder)
+    return [p.name for _, p in list_checkpoints(folder)] + [n for n in RUN_FILES if (folder / n).exists()]
+
+
+def clear_run(folder: str | Path) -> None:
+    """Delete an earlier run's checkpoints and logs from ``folder`` (``--overwrite``); other files stay."""
+    folder = Path(folder)
+    for _, path in list_checkpoints(folder):
+        _remove(path)
+    for name in RUN_FILES:
+        if (folder / name).exists():
+            _remove(folder / name)
 
 
 def snapshot(state: Any) -> Any:

@@ -60,12 +60,22 @@ class DataSection:
     num_workers: int = 0              # DataLoader worker processes
     mlm_probability: float = 0.15
     cache_dir: str = "build/data"     # prepared shards, one folder per data fingerprint
+    # Cleaning thresholds (chapter 2.1's rules; 0 keeps the rule's default). A document failing one is dropped,
+    # and preparation prints which files were dropped and by which rule.
+    min_words: int = 0                # prose: fewest words (default 50)
+    max_symbol_ratio: float = 0.0     # prose: (# + ellipses) / words (default 0.1)
+    max_duplicate_lines: float = 0.0  # share of repeated lines (default 0.3 for prose, 0.5 for code)
+    min_lines: int = 0                # code: fewest non-empty lines (default 5)
 
     CHOICES = {"corpus": ("shakespeare", "code", "folder"), "tokenizer": ("char", "bpe", "wordpiece")}
 
     def check(self) -> None:
         if self.corpus == "folder" and not self.folder:
             raise ConfigError('data.corpus = "folder" needs data.folder, the path of your .txt files')
+        if self.folder and self.corpus != "folder":
+            raise ConfigError(f'data.folder = {self.folder!r} is set but data.corpus = {self.corpus!r}, so the folder '
+                              f'would be ignored: set data.corpus = "folder" to train on it, or remove data.folder '
+                              f'(on the command line, --set data.folder=... alone also selects the folder)')
         if self.tokenizer != "char" and self.vocab_size < 261:
             raise ConfigError(f"data.tokenizer = {self.tokenizer!r} needs data.vocab_size >= 261 (256 bytes + 5 "
                               f"special tokens), got {self.vocab_size}")
@@ -77,7 +87,10 @@ class DataSection:
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"data.mlm_probability must lie in (0, 1), got {self.mlm_probability}")
         _positive(self, "tokens_per_shard")
-        _non_negative(self, "max_docs", "num_workers")
+        _non_negative(self, "max_docs", "num_workers", "min_words", "max_symbol_ratio", "min_lines")
+        if not 0.0 <= self.max_duplicate_lines <= 1.0:
+            raise ConfigError(f"data.max_duplicate_lines must lie in [0, 1] (0: the rule's default), got "
+                              f"{self.max_duplicate_lines}")
 
 
 @dataclass
@@ -103,13 +116,14 @@ class TrainSection:
     sample_tokens: int = 200          # GPT: tokens sampled at each evaluation (0: none)
     progress: str = "auto"            # "auto" (a bar in a terminal) | "on" | "off"
     tensorboard: bool = True          # also write TensorBoard events when it is installed
+    threads: int = 0                  # CPU threads per process; 0: automatic (never more than the idle cores)
 
     CHOICES = {"schedule": ("cosine", "wsd", "constant"), "dtype": ("fp32", "bf16", "fp16"),
                "compile": ("auto", "on", "off"), "progress": ("auto", "on", "off"), "optimizer": ("adamw", "muon")}
 
     def check(self) -> None:
         _positive(self, "steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "eval_batches")
-        _non_negative(self, "warmup_steps", "decay_steps", "sample_tokens")
+        _non_negative(self, "warmup_steps", "decay_steps", "sample_tokens", "threads")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
@@ -139,6 +153,7 @@ class RunConfig:
     device: str = "auto"
     parallel: str = "none"            # "none" | "ddp" | "fsdp" (under torchrun)
     allow_config_change: bool = False  # resume even when an exactness-breaking key changed
+    overwrite: bool = False           # a new run may delete the earlier run in out_dir (same as --overwrite)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -168,6 +183,7 @@ SECTIONS = ("model", "data", "train", "checkpoint")
 # allow_config_change = true.
 EXACTNESS_KEYS = ("seed", "parallel", "model.*", "data.corpus", "data.folder", "data.max_docs", "data.tokenizer",
                   "data.vocab_size", "data.val_fraction", "data.tokens_per_shard", "data.mlm_probability",
+                  "data.min_words", "data.max_symbol_ratio", "data.max_duplicate_lines", "data.min_lines",
                   "train.batch_size", "train.grad_accum_steps")
 
 
@@ -252,14 +268,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def config_from_dict(table: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Validate a parsed TOML table (plus ``key=value`` overrides) into a :class:`RunConfig`."""
     table = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table.items()}
+    overridden = set()
     for item in overrides:
         path, value = parse_override(item)
+        overridden.add(".".join(path))
         if len(path) == 2:
             if path[0] not in SECTIONS:
                 raise ConfigError(f"--set {item!r}: unknown section {path[0]!r}; sections are {', '.join(SECTIONS)}")
             table.setdefault(path[0], {})[path[1]] = value
         else:
             table[path[0]] = value
+    if "data.folder" in overridden and "data.corpus" not in overridden and isinstance(table.get("data"), dict):
+        table["data"]["corpus"] = "folder"   # pointing at a folder means training on it
     config = _build(RunConfig, table, "")
     config.check()
     return config
@@ -278,6 +298,23 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return config_from_dict(table, overrides)
 
 
+def schedule_warnings(config: RunConfig) -> list[str]:
+    """Settings that are valid but probably not what was meant, one sentence each (printed at the start)."""
+    t = config.train
+    out = []
+    if t.schedule == "cosine" and t.decay_steps > t.steps:
+        out.append(f"train.decay_steps={t.decay_steps} is beyond train.steps={t.steps}: the cosine decay is cut off and "
+                   f"the run ends well above min_lr={t.min_lr:g}; remove decay_steps (0 follows train.steps) or set it "
+                   f"to {t.steps}")
+    if t.schedule == "wsd" and t.decay_steps > t.steps - t.warmup_steps:
+        out.append(f"train.decay_steps={t.decay_steps} is longer than the {t.steps - t.warmup_steps} steps after "
+                   f"warmup: the decay starts at once and is cut off; remove decay_steps (0: steps / 5)")
+    return out
+
+
+_ABSENT = object()   # a key the saved config lacks: written before the key existed, so it had the default
+
+
 def exactness_differences(saved: dict, current: dict) -> list[str]:
     """The exactness-breaking keys (:data:`EXACTNESS_KEYS`) whose values differ, as
     ``"key: saved -> current"`` lines; empty when a resume would be exact."""
@@ -286,11 +323,12 @@ def exactness_differences(saved: dict, current: dict) -> list[str]:
         if pattern.endswith(".*"):
             section = pattern[:-2]
             keys = sorted(set(saved.get(section, {})) | set(current.get(section, {})))
-            pairs = [(f"{section}.{k}", saved.get(section, {}).get(k), current.get(section, {}).get(k)) for k in keys]
+            pairs = [(f"{section}.{k}", saved.get(section, {}).get(k, _ABSENT), current.get(section, {}).get(k))
+                     for k in keys]
         elif "." in pattern:
             section, key = pattern.split(".")
-            pairs = [(pattern, saved.get(section, {}).get(key), current.get(section, {}).get(key))]
+            pairs = [(pattern, saved.get(section, {}).get(key, _ABSENT), current.get(section, {}).get(key))]
         else:
-            pairs = [(pattern, saved.get(pattern), current.get(pattern))]
-        out += [f"{name}: {a!r} -> {b!r}" for name, a, b in pairs if a != b]
+            pairs = [(pattern, saved.get(pattern, _ABSENT), current.get(pattern))]
+        out += [f"{name}: {a!r} -> {b!r}" for name, a, b in pairs if a != b and a is not _ABSENT]
     return out

@@ -24,7 +24,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from ..data import corpus as corpus_mod
-from ..data.clean import CleaningReport, clean_documents
+from ..data.clean import CleaningReport, clean_documents, code_rules, gopher_rules
 from ..data.loader import ResumableLoader, ShardedTokenDataset, clm_collate
 from ..data.shards import read_index, write_shards
 from ..data.tokenizer import (EOT, SPECIAL_TOKENS, UNK, encode_texts, load_tokenizer, save_tokenizer,
@@ -33,6 +33,13 @@ from ..utils import REPO_ROOT
 from .config import DataSection, RunConfig
 
 CACHE_FORMAT = "capstone-data/1"   # bump when the preparation below changes what it writes
+_DATA_KEYS = ("corpus", "folder", "max_docs", "tokenizer", "vocab_size", "val_fraction")
+
+
+def _data_keys(data: DataSection) -> tuple[str, ...]:
+    """The settings that name the prepared data; cleaning thresholds only when set (old caches stay valid)."""
+    return _DATA_KEYS + tuple(k for k in ("min_words", "max_symbol_ratio", "max_duplicate_lines", "min_lines")
+                              if getattr(data, k))
 
 
 # ----------------------------------------------------------------------------- character tokenizer
@@ -63,7 +70,7 @@ def _source_files(data: DataSection) -> list[Path]:
         return corpus_mod.shakespeare_play_paths()
     if data.corpus == "code":
         return corpus_mod.python_stdlib_paths()
-    folder = _resolve(data.folder)
+    folder = resolve_path(data.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"data.folder = {data.folder!r} is not a folder (looked at {folder})")
     return sorted(p for p in folder.rglob("*.txt") if p.is_file())
@@ -76,21 +83,46 @@ def iter_documents(data: DataSection) -> Iterator[corpus_mod.Document]:
     elif data.corpus == "code":
         docs = corpus_mod.iter_python_stdlib()
     else:
-        docs = corpus_mod.load_text_folder(_resolve(data.folder))
+        docs = corpus_mod.load_text_folder(resolve_path(data.folder))
     return itertools.islice(docs, data.max_docs or None)
 
 
-def _resolve(path: str) -> Path:
+def resolve_path(path: str) -> Path:
     """Relative paths in a config are relative to the course's root folder."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else REPO_ROOT / p
 
 
+_resolve = resolve_path   # the old name
+
+
+def cleaning_rules(data: DataSection):
+    """``domain -> rules`` for :func:`clean_documents`: chapter 2.1's rules with the config's thresholds."""
+    def given(value, default):
+        return value if value else default
+
+    def rules_for(domain: str):
+        if domain == "code":
+            return code_rules(min_lines=given(data.min_lines, 5),
+                              max_duplicate_lines=given(data.max_duplicate_lines, 0.5))
+        return gopher_rules(min_words=given(data.min_words, 50), max_symbol_ratio=given(data.max_symbol_ratio, 0.1),
+                            max_duplicate_lines=given(data.max_duplicate_lines, 0.3))
+    return rules_for
+
+
+def dropped_files_report(report: CleaningReport, rules_for, domain: str, *, limit: int = 20) -> list[str]:
+    """One line per document cleaning dropped: its name and the rule (with its threshold) it failed."""
+    described = {r.name: r.description for r in rules_for(domain)}
+    described["empty"] = "empty after normalisation"
+    lines = [f"{name}: {rule} ({described.get(rule, rule)})" for rule, names in report.removed_names.items()
+             for name in names]
+    return lines[:limit] + ([f"... and {len(lines) - limit} more (all in meta.json)"] if len(lines) > limit else [])
+
+
 def data_fingerprint(data: DataSection) -> str:
     """16 hex digits naming the prepared data: the settings that change tokens and the
     corpus's files (names and sizes), so an edited text file gets a fresh cache."""
-    settings = {k: getattr(data, k) for k in ("corpus", "folder", "max_docs", "tokenizer", "vocab_size",
-                                              "val_fraction")}
+    settings = {k: getattr(data, k) for k in _data_keys(data)}
     files = [(p.name, p.stat().st_size) for p in _source_files(data)]
     blob = json.dumps({"format": CACHE_FORMAT, "settings": settings, "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -136,7 +168,13 @@ def prepare_data(data: DataSection, *, verbose: bool = True) -> PreparedData:
     tmp = cache / f".tmp-{fingerprint}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     report = CleaningReport()
-    texts = [d.text for d in clean_documents(iter_documents(data), report=report)]
+    rules_for = cleaning_rules(data)
+    texts = [d.text for d in clean_documents(iter_documents(data), rules=rules_for, report=report)]
+    dropped = dropped_files_report(report, rules_for, "code" if data.corpus == "code" else data.corpus)
+    if dropped and verbose:
+        print(f"data: cleaning dropped {report.docs_in - report.docs_out} of {report.docs_in} documents (thresholds: "
+              "data.min_words, data.max_symbol_ratio, data.max_duplicate_lines, data.min_lines):\n  "
+              + "\n  ".join(dropped))
     if data.tokenizer == "char":
         tok = train_char_tokenizer(texts)
     else:
@@ -157,8 +195,7 @@ def prepare_data(data: DataSection, *, verbose: bool = True) -> PreparedData:
     meta = {"fingerprint": fingerprint, "tokenizer_fingerprint": fp_tok, "vocab_size": vocab_size,
             "documents": len(texts), "characters": sum(len(t) for t in texts), "tokens": int(stream.size),
             "train_tokens": n_train, "val_tokens": int(stream.size - n_train), "cleaning": report.table(),
-            "settings": {k: getattr(data, k) for k in ("corpus", "folder", "max_docs", "tokenizer", "vocab_size",
-                                                       "val_fraction")}}
+            "dropped": report.removed_names, "settings": {k: getattr(data, k) for k in _data_keys(data)}}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         os.rename(tmp, folder)

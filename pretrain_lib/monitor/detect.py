@@ -22,6 +22,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from ..train import train   # this check trains, so it sits above the engine (which never imports the monitor)
+
 
 class RollingZScore:
     """Flags values above ``mean + k·std`` of the previous ``window`` accepted values.
@@ -136,8 +138,6 @@ def check_overfits_one_batch(model: nn.Module, batch: dict, objective: Callable,
                              lr: float = 3e-3, target_loss: float = 0.5, device: str = "auto") -> dict:
     """Train on one batch only, through the engine: a correct model and objective drive the
     loss towards 0. Returns ``{"initial", "final", "ok"}`` with ``ok`` when ``final < target_loss``."""
-    from ..train import train
-
     history = train(model, lambda i: batch, objective, steps=steps, lr=lr, weight_decay=0.0, grad_clip=1.0,
                     log_every=steps, device=device, progress=False, desc="overfit one batch")
     return {"initial": history.losses[0], "final": history.losses[-1], "ok": history.losses[-1] < target_loss}
