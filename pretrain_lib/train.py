@@ -364,7 +364,7 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
 
     pending: list[StepResult] = []     # steps not yet read back to the host
     start = time.perf_counter()
-    micro_index = 0
+    micro_index = start_step * config.grad_accum_steps   # a callable source continues where the run stood
     for step in range(start_step, config.steps):
         if config.lr_schedule is not None:
             lr = float(config.lr_schedule(step))

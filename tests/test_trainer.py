@@ -484,3 +484,40 @@ def test_preparation_names_the_dropped_files_and_thresholds_come_from_the_config
     assert lenient.meta["documents"] == 3 and lenient.fingerprint != prepared.fingerprint
     with pytest.raises(ConfigError, match="max_duplicate_lines must lie in"):
         config_from_dict({"data": {**settings, "max_duplicate_lines": 2.0}})
+
+
+def test_the_engine_continues_a_run_from_a_start_step_exactly():
+    """train(start_step=k) after k steps = one uninterrupted run: losses, LRs, step numbers and tokens."""
+    from pretrain_lib.model import GPT, ModelConfig
+    from pretrain_lib.optim import build_optimizer
+    from pretrain_lib.train import TrainConfig, clm_objective, train
+
+    data = torch.randint(0, 50, (40, 4, 9), generator=torch.Generator().manual_seed(0))
+    config = TrainConfig(steps=10, lr=1e-2, lr_schedule=lambda s: 1e-2 * (s + 1) / 10, log_every=2, eval_every=4,
+                         grad_accum_steps=2, device="cpu")
+    seen = []
+
+    class Record:
+        def on_step(self, state):
+            seen.append((state.step, state.tokens_seen, state.metrics.get("step")))
+
+    def fresh():
+        torch.manual_seed(3)
+        model = GPT(ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, max_seq_len=9))
+        return model, build_optimizer(model, lr=1e-2)
+
+    model, opt = fresh()
+    whole = train(model, lambda i: {"input_ids": data[i]}, clm_objective, config, optimizer=opt, progress=False,
+                  eval_fn=lambda m: 0.0)
+    model, opt = fresh()
+    first = train(model, lambda i: {"input_ids": data[i]}, clm_objective, config, steps=6, optimizer=opt,
+                  progress=False)
+    seen.clear()
+    rest = train(model, lambda i: {"input_ids": data[i]}, clm_objective, config, optimizer=opt, progress=False,
+                 start_step=6, tokens_offset=sum(first.input_tokens), callbacks=[Record()], eval_fn=lambda m: 0.0)
+    assert first.losses + rest.losses == whole.losses and first.lrs + rest.lrs == whole.lrs
+    assert rest.eval_steps == [8, 10] and [s for s, _, _ in seen] == [7, 8, 9, 10]
+    assert [t for _, t, _ in seen] == [2 * 4 * 9 * k for k in (7, 8, 9, 10)]
+    assert seen[1][2] == 8, "logged metrics carry the run's step"
+    with pytest.raises(ValueError, match=r"start_step=10\) must lie in \[0, steps=10\)"):
+        train(model, lambda i: {"input_ids": data[i]}, clm_objective, config, optimizer=opt, start_step=10)
