@@ -10,9 +10,8 @@ import torch
 from conftest import REPO
 from pretrain_lib.model import GPT, ModelConfig
 from pretrain_lib.monitor import (Monitor, RollingZScore, check_initial_loss, count_host_reads, datasheet_peak,
-                                  grad_norms,
-                                  LayerIndex, layer_of, mfu, peak_flops, peak_flops_info, plot_run, read_jsonl,
-                                  rolling_spikes)
+                                  grad_norms, LayerIndex, layer_of, mfu, peak_flops, peak_flops_info, plot_run,
+                                  read_jsonl, rolling_spikes)
 from pretrain_lib.monitor import peak as peak_module
 from pretrain_lib.train import clm_objective, train
 
