@@ -131,7 +131,12 @@ def test_the_command_line_refuses_an_earlier_run_and_a_missing_checkpoint(tmp_pa
     _, err = second.communicate(timeout=120)
     assert second.returncode == 2 and "already holds a run" in err and "--overwrite" in err
     third = launch(config, "--overwrite")
-    assert third.wait(timeout=120) == 0
+    assert third.communicate(timeout=120) and third.returncode == 0
+    requeued = launch(config, "--resume=auto", "--set", "train.steps=6")   # a requeued job: continues
+    out, err = requeued.communicate(timeout=120)
+    assert requeued.returncode == 0 and "resumed from ckpt_00000004.pt at step 4" in out, err
+    fresh = launch(config, "--resume=auto", "--out", str(tmp_path / "fresh"))   # a first job: starts afresh
+    assert fresh.communicate(timeout=120) and fresh.returncode == 0 and max(losses(tmp_path / "fresh")) == 4
 
 
 @pytest.mark.xdist_group("torchrun")   # never two 2-rank jobs on 2 cores at once

@@ -16,7 +16,7 @@ from pretrain_lib.capstone import checkpoint as ckpt
 from pretrain_lib.capstone.config import ConfigError, config_from_dict, exactness_differences, load_config
 from pretrain_lib.capstone.data import data_fingerprint, prepare_data, train_char_tokenizer
 from pretrain_lib.data.tokenizer import encode_texts
-from pretrain_lib.train import run
+from pretrain_lib.capstone import run
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))
@@ -521,3 +521,17 @@ def test_the_engine_continues_a_run_from_a_start_step_exactly():
     assert seen[1][2] == 8, "logged metrics carry the run's step"
     with pytest.raises(ValueError, match=r"start_step=10\) must lie in \[0, steps=10\)"):
         train(model, lambda i: {"input_ids": data[i]}, clm_objective, config, optimizer=opt, start_step=10)
+
+
+def test_the_engine_does_not_import_the_trainer_above_it():
+    """Layers: the engine never imports the capstone (its command line runs only as __main__), and the
+    checks that train (monitor.detect) import the engine at their top, not inside a function."""
+    code = ("import sys, pretrain_lib.train, pretrain_lib.monitor.detect as d; "
+            "assert not [m for m in sys.modules if m.startswith('pretrain_lib.capstone')], 'engine imported capstone'; "
+            "assert d.train is pretrain_lib.train.train")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    helped = subprocess.run([sys.executable, "-m", "pretrain_lib.train", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert helped.returncode == 0 and "exit codes: 0 done; 2 bad input" in helped.stdout and "75 preempted" in \
+        helped.stdout and "130" in helped.stdout
