@@ -113,7 +113,12 @@ def evaluate_run(run: LoadedRun | str | Path, *, max_windows: int | None = None,
         log(f"warning: of {len(items)} benchmark items, {held_out['in_training']} occur in this run's training text "
             f"and {len(items) - held_out['in_validation']} are not in its validation text; the items come from the "
             "last Shakespeare plays, so the accuracy is not a held-out score for this corpus or split")
-    lls = scoring.choice_loglikelihoods(run.model, run.tokenizer, items, window=run.model.config.max_seq_len)
+    try:
+        lls = scoring.choice_loglikelihoods(run.model, run.tokenizer, items, window=run.model.config.max_seq_len)
+    except scoring.WindowTooShort as exc:
+        log(f"warning: benchmark skipped: {exc}")
+        result.update(mc_accuracy=None, mc_chance=scoring.CHANCE, n_items=len(items), mc_note=str(exc))
+        return result
     model_acc = scoring.accuracy(lls, items, seed=seed)
     unigram = scoring.unigram_loglikelihoods(scoring.unigram_log_probs(train_ids, run.data.vocab_size),
                                              run.tokenizer, items)

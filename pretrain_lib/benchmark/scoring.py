@@ -23,6 +23,10 @@ from .items import Item
 CHANCE = 0.25
 
 
+class WindowTooShort(ValueError):
+    """An ending longer than the model's context window: the item cannot be scored."""
+
+
 def encode_pair(tokenizer, context: str, ending: str) -> tuple[list[int], list[int]]:
     """``(context_ids, ending_ids)`` as lm-eval's ``_encode_pair`` forms them (trailing spaces of the
     context move to the ending; the ending's ids are the tail of the whole text's encoding)."""
@@ -49,8 +53,9 @@ def choice_loglikelihoods(model: torch.nn.Module, tokenizer, items: list[Item], 
         for ending in item.endings:
             ctx, cont = encode_pair(tokenizer, item.context, ending)
             if not cont or len(cont) >= window:
-                raise ValueError(f"item {item.id}: the ending {ending!r} is {len(cont)} tokens, which does not fit a "
-                                 f"{window}-token window with context before it")
+                raise WindowTooShort(f"item {item.id}: the ending {ending!r} is {len(cont)} tokens, which does not fit "
+                                     f"the model's {window}-token window with context before it (train with a "
+                                     "longer model.seq_len)")
             seq = (ctx + cont)[-(window + 1):]
             pairs.append((seq[:-1], seq[1:], len(cont)))
     out = np.zeros(len(pairs))
