@@ -47,7 +47,8 @@ def write_toml(path: Path, values: dict) -> Path:
 def launch(config: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COURSE_HEADLESS": "1"}
     return subprocess.Popen([sys.executable, "-m", "pretrain_lib.train", "--config", str(config), *extra], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)   # its own process group: a signal can go to it and its workers
 
 
 def losses(out_dir: Path) -> dict[int, float]:
@@ -57,11 +58,13 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {ln["step"]: ln["loss"] for ln in lines if "loss" in ln}
 
 
-def signal_after(proc: subprocess.Popen, metrics: Path, lines: int, sig: int) -> None:
+def signal_after(proc: subprocess.Popen, metrics: Path, lines: int, sig: int, *, group: bool = False) -> None:
+    """Send ``sig`` once ``lines`` lines are logged: to the process, or (``group``) to it and its loader
+    workers at once, as a scheduler signals every process of a job."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.is_file() and sum(1 for _ in metrics.open()) >= lines:
-            proc.send_signal(sig)
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
             return
         time.sleep(0.002)
     pytest.fail("the run ended before the signal could be sent; make it longer")
@@ -87,7 +90,8 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_bit_identically(tmp_pa
                                                                          num_workers):
     config = write_toml(tmp_path / "run.toml", table(tmp_path / "out", cache_dir, num_workers))
     proc = launch(config)
-    signal_after(proc, tmp_path / "out" / "metrics.jsonl", 23 + 4 * num_workers, sig)   # not a checkpoint step
+    signal_after(proc, tmp_path / "out" / "metrics.jsonl", 23 + 4 * num_workers, sig,   # not a checkpoint step
+                 group=num_workers > 0)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, out + err
     assert "Traceback" not in err

@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -221,7 +222,16 @@ def train_loader(prepared: PreparedData, config: RunConfig, *, rank: int = 0, wo
     # generator keeps that draw out of the global RNG, which dropout uses and a resume restores.
     return ResumableLoader(dataset, batch_size=config.train.batch_size, num_workers=config.data.num_workers,
                            collate_fn=clm_collate, drop_last=True,
-                           generator=torch.Generator().manual_seed(config.seed))
+                           generator=torch.Generator().manual_seed(config.seed),
+                           worker_init_fn=leave_stop_signals_to_the_trainer if config.data.num_workers else None)
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """In a loader worker: ignore SIGTERM/SIGUSR1, which a scheduler may send to every process of the job.
+    The training process checkpoints and then ends its workers; a worker killed first would fail the run."""
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def validation_batches(prepared: PreparedData, config: RunConfig) -> list[dict[str, torch.Tensor]]:
