@@ -453,7 +453,8 @@ def test_class_of_honest_sloppy_cheating_and_hostile_students(toy_exercises, tmp
     # so `add` is never defined and only that check is lost
     if cgroup_root():
         assert status["hostile_memory_hog"] == ("error", 0), feedback["hostile_memory_hog"]
-        assert "out of memory" in feedback["hostile_memory_hog"]
+        # the grader's own out-of-memory note (a dead kernel's note only guesses "or ran out of memory")
+        assert "the code used more than the grader's memory limit" in feedback["hostile_memory_hog"]
     else:
         assert status["hostile_memory_hog"] == ("graded", TOY_MAX - 1), feedback["hostile_memory_hog"]
     assert rows[f"hostile_memory_hog/{TOY}"][f"{TOY}: add"] == "0"
