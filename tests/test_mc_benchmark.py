@@ -109,3 +109,11 @@ def test_lm_eval_on_the_exported_model_gives_the_course_evaluators_accuracy(tmp_
         theirs[sample["doc_id"]] = [float(r[0][0]) for r in sample["resps"]]
     assert np.abs(theirs - ours).max() < 1e-3
     assert results["results"]["shakespeare_mc"]["acc_bytes,none"] == pytest.approx(scoring.accuracy(ours, items).mean)
+
+
+def test_an_ending_longer_than_the_window_is_refused_by_name():
+    items = mc.read_items()[:2]
+    tok = train_char_tokenizer([it.context + "".join(it.endings) for it in items])
+    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_heads=2, n_layers=1, max_seq_len=16))
+    with pytest.raises(scoring.WindowTooShort, match="longer model.seq_len"):
+        scoring.choice_loglikelihoods(model, tok, items, window=16)
