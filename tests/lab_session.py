@@ -23,9 +23,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # set by conftest.py / CI for headless runs; a person in JupyterLab has none of them
 _HEADLESS_ENV = ("COURSE_HEADLESS", "CI", "MPLBACKEND")
-# a news/update toast would cover the notebook in the screenshots, and must not reach the network
-_QUIET_SETTINGS = {"@jupyterlab/apputils-extension/notification.jupyterlab-settings":
-                   {"fetchNews": "false", "checkForUpdates": False}}
+# A news/update toast would cover the notebook in the screenshots, and must not reach the network.
+# Comms over subshells (JupyterLab >= 4.4's default with ipykernel 7) run widget callbacks on a second kernel
+# thread beside the main one; pyplot is not thread-safe, and the explorer then drew blank or cut figures
+# (a 1,957-byte white PNG instead of ~49 kB) in most runs, none in runs with them disabled. The course must
+# ship this setting for students too (see the test's docstring); the test runs what they should get.
+_LAB_SETTINGS = {"@jupyterlab/apputils-extension/notification.jupyterlab-settings":
+                 {"fetchNews": "false", "checkForUpdates": False},
+                 "@jupyterlab/apputils-extension/kernels-settings.jupyterlab-settings":
+                 {"commsOverSubshells": "disabled"}}
 
 
 def lab_missing() -> str:
@@ -55,7 +61,7 @@ class LabServer:
         for var, name in dirs.items():
             env[var] = str(self.home / name)
             (self.home / name).mkdir(parents=True, exist_ok=True)
-        for rel, values in _QUIET_SETTINGS.items():
+        for rel, values in _LAB_SETTINGS.items():
             path = self.home / "lab-settings" / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(values))
@@ -227,9 +233,7 @@ class LabPage:
         return path
 
     def save_data_image(self, name: str, data_url: str) -> Path:
-        """An image the page holds as a data URL, written under ``shots``: headless Chromium at times leaves a
-        decoded figure unpainted in a screenshot (a blank box where the DOM has the image), so the figure
-        itself is kept beside the screenshot."""
+        """An image the page holds as a data URL (a figure as the kernel sent it), written under ``shots``."""
         path = self.shots / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(data_url.split(",", 1)[1]))

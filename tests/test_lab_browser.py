@@ -4,11 +4,17 @@
 open 4.4 (the compute-optimal explorer), run all cells, see the printed results and a matplotlib
 figure, and move the explorer's controls. It checks that the ipywidgets explorer is live (the
 labextension rendered it, the kernel answers a changed control with new numbers and a new figure)
-rather than the static text a missing labextension leaves. Screenshots go to the test's tmp dir and
-to build/lab_screenshots/ for a person to look at.
+rather than the static text a missing labextension leaves, and that every figure it draws has ink.
+Screenshots (and the explorer's figures as PNG files) go to the test's tmp dir and to
+build/lab_screenshots/ for a person to look at.
+
+JupyterLab runs with comms over kernel subshells disabled (tests/lab_session.py says why: with them, the
+explorer's figures came out blank in most runs); a student's `make lab` needs the same setting.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import re
 import shutil
@@ -102,6 +108,15 @@ def _chinchilla_report(fit, budget: float, factor: float) -> tuple[float, float]
     return n, fit.E + fit.A / n**fit.alpha + fit.B / d**fit.beta
 
 
+def _assert_drawn(data_url: str, what: str) -> None:
+    """The figure has ink: axes, curves and labels, not the blank PNG a figure closed mid-draw gives."""
+    from PIL import Image  # matplotlib's own dependency
+
+    image = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("L")
+    dark = sum(image.histogram()[:128])
+    assert dark > 0.005 * image.width * image.height, f"{what}: the figure is blank ({dark} dark pixels)"
+
+
 def _assert_law_reported(output: str, fit, factor: float) -> None:
     """The explorer's "chosen" line is the law's answer for the control values it shows."""
     budget = float(re.search(r"C=(\S+) FLOPs", output).group(1))
@@ -173,7 +188,9 @@ def test_chapter_notebook_runs_and_its_explorer_reacts_in_jupyterlab(lab):
         assert before["sliders"] == 2 and len(before["selects"]) == 1, before
         assert _factor_shown(before) == 1 and "replication-style" in before["output"], before["output"]
         assert any(i["decoded"] and i["png"] and i["width"] > 300 for i in _state(page)["images"]), "no figure drawn"
+        _assert_drawn(before["image"], "the explorer's first figure")
         page.scroll_into_view(explorer_js)
+        page.screenshot("3_explorer_first.png")
 
         # the model size: the second slider's handle dragged with the mouse to 30 % of its track, where
         # log10(N / N_opt) runs from -1 to 1: about 0.4 x N_opt
@@ -188,11 +205,12 @@ def test_chapter_notebook_runs_and_its_explorer_reacts_in_jupyterlab(lab):
             and _factor_shown(e) == pytest.approx(float(e["readouts"][1]), rel=0.01),
             "the explorer's numbers and figure for the dragged N / N_opt slider")
         page.scroll_into_view(explorer_js)
-        page.screenshot("3_explorer_size_dragged.png")
-        page.save_data_image("3_explorer_size_dragged_figure.png", dragged["image"])
+        page.screenshot("4_explorer_size_dragged.png")
+        page.save_data_image("4_explorer_size_dragged_figure.png", dragged["image"])
         factor = _factor_shown(dragged)
         assert 0.25 < factor < 0.65, f"the slider dragged to 30 % of its track should read about 0.4, got {factor}"
         assert dragged["image"] != before["image"], "the figure did not follow the model size"
+        _assert_drawn(dragged["image"], "the figure after dragging the slider")
         _assert_law_reported(dragged["output"], REPLICATION_FIT, factor)
 
         # the fit: a <select>, changed as a person's choice is (value set, change event)
@@ -201,9 +219,10 @@ def test_chapter_notebook_runs_and_its_explorer_reacts_in_jupyterlab(lab):
                       f"{{bubbles: true}})); return true; }})({explorer_js}.querySelector('select'))")
         paper_fit = _explorer_settles(page, lambda e: paper in e["output"], "the explorer's numbers for the paper fit")
         page.scroll_into_view(explorer_js)
-        page.screenshot("4_explorer_paper_fit.png")
-        page.save_data_image("4_explorer_paper_fit_figure.png", paper_fit["image"])
+        page.screenshot("5_explorer_paper_fit.png")
+        page.save_data_image("5_explorer_paper_fit_figure.png", paper_fit["image"])
         assert paper_fit["image"] != dragged["image"], "the figure did not follow the fit"
+        _assert_drawn(paper_fit["image"], "the figure after changing the fit")
         _assert_law_reported(paper_fit["output"], PAPER_FIT, factor)
         assert not page.javascript_errors(), page.javascript_errors()
     except BaseException:
