@@ -42,7 +42,8 @@ from pretrain_lib.capstone.trainer import EndlessBatches, build_model, lr_schedu
 from pretrain_lib.data.loader import random_batch
 from pretrain_lib.data.shards import read_all_tokens
 from pretrain_lib.optim import build_optimizer
-from pretrain_lib.train import TrainConfig, clm_objective, run, train
+from pretrain_lib.capstone import run
+from pretrain_lib.train import TrainConfig, clm_objective, train
 
 REPO = Path(__file__).resolve().parents[1]
 NANOGPT_MS_PER_ITER = 53.0      # nanoGPT's own loop on this config, measured on the 2-core machine

@@ -449,15 +449,6 @@ def _read_back(pending: list[StepResult], history: TrainHistory, first_step: int
 # keeps its old name: ``python -m pretrain_lib.train --config configs/NAME.toml`` runs capstone.cli when this
 # file is executed as __main__ (a separate module object, so no import cycle).
 
-def __getattr__(name: str):
-    # DEPRECATED: ``from pretrain_lib.train import run`` (chapter 7's notebooks still use it); the function is
-    # ``pretrain_lib.capstone.run``. Remove this hook once no caller uses the old name.
-    if name == "run":
-        import importlib
-        return importlib.import_module("pretrain_lib.capstone.trainer").run
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 if __name__ == "__main__":
     from pretrain_lib.capstone.cli import main
     raise SystemExit(main())

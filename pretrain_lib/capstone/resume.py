@@ -39,14 +39,12 @@ class ResumePoint:
         return "sharded" in self.state
 
 
-def claim_out_dir(out_dir: Path, *, resume: bool | str, overwrite: bool | str, log) -> ResumePoint | None:
+def claim_out_dir(out_dir: Path, *, resume: bool | str, overwrite: bool, log) -> ResumePoint | None:
     """The checkpoint to continue from, or ``None`` for a fresh start, after refusing the cases that lose work.
 
     ``resume``: ``False`` (a new run: ``out_dir`` must hold no earlier run unless ``overwrite``),
     ``True`` (continue: a checkpoint must exist) or ``"auto"`` (continue when there is a
-    checkpoint, else start afresh: what a requeued batch job wants). ``overwrite="warn"``
-    replaces an earlier run after saying so (the Python API's default while chapter 7's
-    notebooks re-run into their folders; the command line refuses). Reading only; the caller
+    checkpoint, else start afresh: what a requeued batch job wants). Reading only; the caller
     clears the folder (:func:`checkpoint.clear_run`) when this returns ``None``.
     """
     if resume not in (False, True, "auto"):
@@ -56,10 +54,7 @@ def claim_out_dir(out_dir: Path, *, resume: bool | str, overwrite: bool | str, l
                          "--overwrite deletes it; choose one")
     if not resume:
         earlier = ckpt.previous_run(out_dir)
-        if earlier and overwrite == "warn":
-            log(f"warning: replacing the earlier run in {out_dir} (the command line refuses without --overwrite; "
-                "pass overwrite=True or False to choose)")
-        elif earlier and not overwrite:
+        if earlier and not overwrite:
             shown = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
             raise ckpt.CheckpointError(
                 f"{out_dir} already holds a run ({shown}); starting another there would overwrite its metrics and "

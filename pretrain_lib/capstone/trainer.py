@@ -112,8 +112,7 @@ def run(config: RunConfig | str | Path, *, resume: bool | str = False, overwrite
     """Train the run ``config`` describes (a :class:`RunConfig` or the path of a TOML file).
 
     ``resume``: ``False`` starts a new run (an ``out_dir`` holding an earlier run is refused
-    with ``overwrite=False``, as the command line does, deleted with ``True``, and deleted after
-    a printed warning with the default ``None``); ``True`` continues from the newest good
+    unless ``overwrite=True`` or the config's ``overwrite = true``, as on the command line); ``True`` continues from the newest good
     checkpoint (none is an error); ``"auto"`` continues when there is one. A resume whose
     config changes an exactness key, or whose data changed, is refused unless
     ``allow_config_change = true``. SIGTERM/SIGUSR1 stop the run after a checkpoint
@@ -206,7 +205,7 @@ def _claim_out_dir(out_dir: Path, config: RunConfig, info: DistInfo, model, *, r
         ckpt.check_output_dir(out_dir, need_bytes=checkpoint_bytes(model) * (config.checkpoint.keep + 1))
     if config.overwrite:
         overwrite = True
-    mode = "warn" if overwrite is None and not resume else bool(overwrite)
+    mode = bool(overwrite)   # None (the default) refuses an earlier run, as the command line does
     point = claim_out_dir(out_dir, resume=resume, overwrite=mode, log=log)
     if point is None and info.rank == 0:
         ckpt.clear_run(out_dir)   # --overwrite, or --resume=auto over a run killed before its first checkpoint
