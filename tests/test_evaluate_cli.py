@@ -14,7 +14,8 @@ from pretrain_lib.capstone.data import train_char_tokenizer
 from pretrain_lib.capstone.evaluate import validation_loss
 from pretrain_lib.data.loader import clm_collate
 from pretrain_lib.data.tokenizer import train_tokenizer
-from pretrain_lib.evaluate import bits_per_byte, evaluate_run, token_byte_lengths, validation_windows, window_nats
+from pretrain_lib.evaluate import bits_per_byte, token_byte_lengths, window_nats
+from pretrain_lib.evaluate.run import evaluate_run, validation_windows
 from pretrain_lib.generate import load_run
 from test_generate import cli, train_run
 

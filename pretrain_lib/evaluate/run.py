@@ -1,78 +1,20 @@
-"""Evaluate a trained run: validation loss, bits per byte, and the multiple-choice benchmark.
-
-    python -m pretrain_lib.evaluate --checkpoint build/runs/gpt-char-tiny --json build/eval/gpt-char-tiny.json
-
-Bits per byte. A loss in nats per token depends on the tokenizer: a BPE token carries about
-three characters, a character token one, so a char model's 1.5 nats and a BPE model's 4 nats
-say nothing about which model is better. Dividing the total by the text's size instead of the
-token count removes the tokenizer::
-
-    bits_per_byte = (sum of the nats of every predicted token) / (ln 2 * UTF-8 bytes those tokens decode to)
-
-Both models are then measured on one axis: bits needed per byte of the same held-out text.
-The validation split is read whole (every ``seq_len + 1`` window, consecutive windows sharing one
-token, so each token after the first is predicted exactly once) unless ``--max-windows`` cuts it.
-An end-of-text token between documents decodes to no bytes; its nats still count.
-
-The benchmark (:mod:`pretrain_lib.benchmark`) reports ``mc_accuracy`` with its 95 % bootstrap
-interval over items, ``mc_chance`` (0.25) and the same rule applied to a unigram model of the
-run's training split. It needs a causal model: for a BERT run only the validation (MLM) loss is
-reported and the other fields are null.
-"""
+"""``python -m pretrain_lib.evaluate``: one run's validation loss, bits per byte and benchmark score."""
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .benchmark import scoring
-from .benchmark.items import ITEM_FILE, held_out_report, read_items
-from .data.loader import ShardedTokenDataset
-from .data.shards import read_all_tokens
-from .data.tokenizer import SPECIAL_TOKENS, UNK
-from .generate import LoadedRun, RunLoadError, load_run
-
-
-def bits_per_byte(total_nats: float, total_bytes: int) -> float:
-    """Nats summed over tokens → bits per byte of the text they decode to."""
-    if total_bytes <= 0:
-        raise ValueError(f"bits per byte needs a positive byte count, got {total_bytes}")
-    return total_nats / (math.log(2) * total_bytes)
-
-
-def token_byte_lengths(tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for in decoded text (0 for the special tokens).
-
-    A byte-level BPE token's string spells one byte per character (GPT-2's byte-to-unicode map),
-    so its length is its byte count even when it holds half of a multi-byte character; any other
-    token's string is its text."""
-    byte_level = json.loads(tokenizer.to_str()).get("decoder", {}) or {}
-    byte_level = byte_level.get("type") == "ByteLevel"
-    specials = {tokenizer.token_to_id(t) for t in (*SPECIAL_TOKENS, UNK)} - {None}
-    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
-    for token, i in tokenizer.get_vocab().items():
-        if i not in specials:
-            lengths[i] = len(token) if byte_level else len(token.encode("utf-8"))
-    return lengths
-
-
-@torch.no_grad()
-def window_nats(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
-    """``(n_windows, seq_len)`` nats of each predicted token of each window ``(n_windows, seq_len + 1)``."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for chunk in windows.split(batch_size):
-        logits = model(chunk[:, :-1]).double()
-        out.append(F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none"))
-    model.train(was_training)
-    return torch.cat(out)
+from ..benchmark import scoring
+from ..benchmark.items import ITEM_FILE, held_out_report, read_items
+from ..data.loader import ShardedTokenDataset
+from ..data.shards import read_all_tokens
+from ..generate import LoadedRun, RunLoadError, load_run
+from .metrics import bits_per_byte, token_byte_lengths, window_nats
 
 
 def validation_windows(run: LoadedRun, max_windows: int | None = None) -> torch.Tensor:
@@ -85,7 +27,7 @@ def validation_windows(run: LoadedRun, max_windows: int | None = None) -> torch.
 
 def evaluate_run(run: LoadedRun | str | Path, *, max_windows: int | None = None, items_path: str | Path = ITEM_FILE,
                  seed: int = 0, log=None) -> dict:
-    """Every figure of the module docstring for one run, as a JSON-ready dict."""
+    """Every figure that :mod:`pretrain_lib.evaluate` describes, for one run, as a JSON-ready dict."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     run = run if isinstance(run, LoadedRun) else load_run(run, log=log)
     windows = validation_windows(run, max_windows)
@@ -93,7 +35,7 @@ def evaluate_run(run: LoadedRun | str | Path, *, max_windows: int | None = None,
               "tokenizer": run.config.data.tokenizer, "val_windows": int(windows.size(0)),
               "val_tokens": int(windows.size(0) * (windows.size(1) - 1))}
     if not run.is_gpt:
-        from .capstone.evaluate import mlm_eval_objective, validation_loss
+        from ..capstone.evaluate import mlm_eval_objective, validation_loss
         objective = mlm_eval_objective(run.tokenizer, mlm_probability=run.config.data.mlm_probability,
                                        seed=run.config.seed)
         batches = [{"input_ids": chunk} for chunk in windows.split(32)]
@@ -161,6 +103,3 @@ def main(argv: list[str] | None = None) -> int:
     print(summary, file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
