@@ -72,7 +72,8 @@ def load_run(out_dir: str | Path, *, log=None) -> LoadedRun:
     try:
         config = config_from_dict(state["config"])
     except (KeyError, ConfigError) as exc:
-        raise RunLoadError(f"{path} has no valid run config ({exc}); it was not written by pretrain_lib.train") from exc
+        raise RunLoadError(f"the run config saved in {path} does not validate here ({exc}); the checkpoint was "
+                           "written by another version of the course or not by pretrain_lib.train") from exc
     data = prepare_data(config.data, verbose=False)
     model = build_model(config, data.vocab_size)
     if "sharded" in state:
