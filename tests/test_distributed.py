@@ -71,6 +71,13 @@ def test_step_communication_layouts():
     assert dp_only["tensor_parallel_s"] == 0.0 and dp_only["pipeline_s"] == 0.0
     zero3 = step_communication(1e9, Layout(dp=8, zero_stage=3), **base, latency_s=0.0, intra_node_Bps=100e9)
     assert zero3["data_parallel_s"] == pytest.approx(1.5 * dp_only["data_parallel_s"])
+    # 4 micro-batches, worked by hand: one reduce-scatter plus 2 x 4 all-gathers of the 2e9-byte shard,
+    # each 7/8 x 2e9 B / 100e9 B/s = 0.0175 s -> 9 x 0.0175 = 0.1575 s
+    zero3_m4 = step_communication(1e9, Layout(dp=8, zero_stage=3), **base, n_micro=4, latency_s=0.0,
+                                  intra_node_Bps=100e9)
+    assert zero3_m4["data_parallel_s"] == pytest.approx(0.1575)
+    dp_m4 = step_communication(1e9, Layout(dp=8), **base, n_micro=4, latency_s=0.0, intra_node_Bps=100e9)
+    assert dp_m4["data_parallel_s"] == pytest.approx(dp_only["data_parallel_s"])  # DP reduces once per step
     with pytest.raises(ValueError, match="inside a node"):
         Layout(tp=16, gpus_per_node=8)
 

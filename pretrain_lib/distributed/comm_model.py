@@ -100,8 +100,12 @@ def step_communication(n_params: float, layout: Layout, *, d_model: int, n_layer
     """Seconds of communication per optimiser step by kind (not overlapped with compute).
 
     - data parallel: all-reduce of each rank's share of the gradients, Ψ/(tp·pp) numbers
-      (ZeRO-1/2: a reduce-scatter plus an all-gather of the updated parameters, the same
-      volume; ZeRO-3: an extra all-gather of the parameters for the backward pass, 1.5×);
+      (Ψ = n_params), once per step: gradients accumulate locally over the micro-batches
+      (``no_sync``) and are reduced after the last one (ZeRO-1/2: a reduce-scatter plus an
+      all-gather of the updated parameters, the same volume). ZeRO-3 keeps only a shard of
+      the parameters, so it all-gathers them again for every micro-batch's forward and
+      backward: one reduce-scatter of the gradients per step plus 2·n_micro all-gathers
+      (1.5× the all-reduce's volume at n_micro = 1);
     - tensor parallel: 4 all-reduces per layer per micro-batch (2 forward, 2 backward) of
       one activation (micro_batch, seq_len, d_model);
     - pipeline: each micro-batch's activation forward and its gradient backward across
@@ -116,10 +120,10 @@ def step_communication(n_params: float, layout: Layout, *, d_model: int, n_layer
     if L.zero_stage == 0:
         dp = ring_seconds("all_reduce", shard_bytes, L.dp, dp_bw, latency_s)
     else:
+        # ZeRO-1/2: one all-gather of the updated parameters; ZeRO-3: one for each micro-batch's forward and backward
+        gathers = 2 * n_micro if L.zero_stage == 3 else 1
         dp = ring_seconds("reduce_scatter", shard_bytes, L.dp, dp_bw, latency_s) + \
-            ring_seconds("all_gather", shard_bytes, L.dp, dp_bw, latency_s)
-        if L.zero_stage == 3:
-            dp += ring_seconds("all_gather", shard_bytes, L.dp, dp_bw, latency_s)
+            gathers * ring_seconds("all_gather", shard_bytes, L.dp, dp_bw, latency_s)
     act = micro_batch * seq_len * d_model * act_bytes
     layers_per_stage = n_layers / L.pp
     # every block's 4 all-reduces are separate messages: each pays the ring's latency
