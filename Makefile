@@ -7,12 +7,21 @@ JOBS   ?= 2
 
 .PHONY: setup run test lab exercises grade site lint doctor clean
 
-setup: $(STAMP)
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
+
+setup: $(STAMP) $(LAB_OVERRIDES)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[tensorboard,site,hf]'
 	touch $(STAMP)
+
+# JupyterLab 4.6 runs widget callbacks on a second kernel thread by default (comms over subshells,
+# with ipykernel 7); pyplot is not thread-safe, and the explorers (4.4) then drew blank figures.
+# This app-level setting, in the virtualenv only, keeps widget callbacks on the main thread.
+$(LAB_OVERRIDES): | $(STAMP)
+	mkdir -p $(dir $@)
+	echo '{"@jupyterlab/apputils-extension:kernels-settings": {"commsOverSubshells": "disabled"}}' > $@
 
 ## make run: execute every chapter notebook headlessly into build/ and print a table
 run: setup

@@ -450,5 +450,6 @@ def _read_back(pending: list[StepResult], history: TrainHistory, first_step: int
 # file is executed as __main__ (a separate module object, so no import cycle).
 
 if __name__ == "__main__":
-    from pretrain_lib.capstone.cli import main
-    raise SystemExit(main())
+    # An entry point, not a dependency: the engine never imports the capstone that sits above it.
+    import runpy
+    runpy.run_module("pretrain_lib.capstone.cli", run_name="__main__", alter_sys=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -228,7 +229,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     (the shards are read into an FSDP model by :func:`sharded.load_sharded`)."""
     path = Path(path)
     if path.is_dir():
-        from .sharded import read_sharded_extra
         return read_sharded_extra(path)
     return decode_checkpoint(path.read_bytes(), path.name)
 
@@ -277,3 +277,46 @@ def check_output_dir(folder: str | Path, *, need_bytes: int) -> None:
     if free < need_bytes:
         raise CheckpointError(f"the output folder {folder} has {free / 2**20:.1f} MiB free but the checkpoints need "
                               f"about {need_bytes / 2**20:.1f} MiB; free space or choose another out_dir")
+
+
+# ----------------------------------------------------------------------------- sharded folders (reading)
+# A sharded checkpoint (sharded.py writes it) is a folder: its MANIFEST lists the SHA-256 of every file, and
+# extra.pt holds the small state. Reading them needs no FSDP, so it lives here, below sharded.py.
+MANIFEST = "MANIFEST"
+EXTRA = "extra.pt"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sharded(path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless every file the manifest lists is there, whole and unchanged."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path.name} has no {MANIFEST} (a write that never finished)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path.name}/{MANIFEST} is unreadable ({exc})") from exc
+    for name, entry in manifest.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path.name} is incomplete: {name} is missing")
+        if f.stat().st_size != entry["bytes"] or sha256_file(f) != entry["sha256"]:
+            raise CheckpointError(f"{path.name} is corrupt: {name} does not match its checksum (truncated or overwritten)")
+
+
+def read_sharded_extra(path: str | Path) -> dict[str, Any]:
+    """Verify the folder and return its small state, with ``sharded`` set to the folder's path
+    (the weights and moments stay on disk until :func:`load_sharded` reads them)."""
+    path = Path(path)
+    verify_sharded(path)
+    state = decode_checkpoint((path / EXTRA).read_bytes(), f"{path.name}/{EXTRA}")
+    state["sharded"] = str(path)
+    return state

@@ -21,7 +21,6 @@ DCP reshards on load, so a sharded checkpoint also loads into one process
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -32,22 +31,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, atomic_write_bytes, decode_checkpoint, encode_checkpoint, fsync_dir
-
-MANIFEST = "MANIFEST"
-EXTRA = "extra.pt"
+# The reading side (manifest check, small state) is in checkpoint.py, which load_checkpoint needs without FSDP.
+from .checkpoint import (EXTRA, MANIFEST, CheckpointError, atomic_write_bytes, encode_checkpoint, fsync_dir,
+                         read_sharded_extra, sha256_file, verify_sharded)
 
 
 def sharded_name(step: int) -> str:
     return f"ckpt_{step:08d}.dcp"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_sharded(folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -71,41 +61,13 @@ def save_sharded(folder: str | Path, step: int, model: nn.Module, optimizer: tor
     dist.barrier()  # every rank's shards are on disk
     if rank == 0:
         files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}
+        manifest = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
         atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         shutil.rmtree(final, ignore_errors=True)   # the same step written again (a resumed run)
         tmp.rename(final)
         fsync_dir(folder)
     dist.barrier()
     return final
-
-
-def verify_sharded(path: str | Path) -> None:
-    """Raise :class:`CheckpointError` unless every file the manifest lists is there, whole and unchanged."""
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path.name} has no {MANIFEST} (a write that never finished)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path.name}/{MANIFEST} is unreadable ({exc})") from exc
-    for name, entry in manifest.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{path.name} is incomplete: {name} is missing")
-        if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
-            raise CheckpointError(f"{path.name} is corrupt: {name} does not match its checksum (truncated or overwritten)")
-
-
-def read_sharded_extra(path: str | Path) -> dict[str, Any]:
-    """Verify the folder and return its small state, with ``sharded`` set to the folder's path
-    (the weights and moments stay on disk until :func:`load_sharded` reads them)."""
-    path = Path(path)
-    verify_sharded(path)
-    state = decode_checkpoint((path / EXTRA).read_bytes(), f"{path.name}/{EXTRA}")
-    state["sharded"] = str(path)
-    return state
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

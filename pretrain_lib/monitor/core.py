@@ -25,6 +25,7 @@ from .detect import RollingZScore
 from .norms import LayerIndex, full, layer_matrix, local, param_grad_norms
 from .peak import mfu as compute_mfu
 from .peak import peak_flops_info
+from .records import read_jsonl  # noqa: F401  (re-exported: the log's reader beside its writer)
 
 STATE_VERSION = 1
 
@@ -424,16 +425,3 @@ class Monitor:
                     self._writer.add_scalar(f"{group}/{name}", value, step)
         for a in record.get("anomalies") or ():
             self._writer.add_text("anomalies", json.dumps(a), a["step"])
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The records of a monitor's JSONL log (a half-written last line of a running log is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if line.endswith("\n"):
-                    raise
-    return records

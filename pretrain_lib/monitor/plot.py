@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..utils import is_headless, save_figure
+from .records import read_jsonl
 
 _PANELS = [("loss", "loss (nats/token)", "Training loss"), ("lr", "learning rate", "Learning rate"),
            ("grad_norm", "L2 norm (pre-clip)", "Global gradient norm"),
@@ -64,8 +65,6 @@ def plot_records(records: list[dict], anomalies: list[dict] | None = None, *, ti
 def plot_run(jsonl_path: str | Path, *, title: str | None = None, save_as: str | None = None):
     """The dashboard of a finished or running log (a half-written last line is skipped).
     ``save_as``: also write the figure with :func:`pretrain_lib.utils.save_figure`."""
-    from .core import read_jsonl
-
     records = read_jsonl(jsonl_path)
     if not records:
         raise ValueError(f"{jsonl_path} holds no monitor records yet")

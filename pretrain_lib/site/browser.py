@@ -61,7 +61,7 @@ class Browser:
     def __init__(self, binary: str, timeout_s: float = 60):
         import websocket  # websocket-client
 
-        self._profile = tempfile.TemporaryDirectory(prefix="course-chromium-")
+        self._profile = tempfile.TemporaryDirectory(prefix="course-chromium-", ignore_cleanup_errors=True)  # helpers may still write the profile
         self.proc = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={self._profile.name}", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = Path(self._profile.name) / "DevToolsActivePort"
