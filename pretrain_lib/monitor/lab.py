@@ -25,6 +25,21 @@ from ..utils import figure_dir
 from .core import Monitor, read_jsonl
 
 
+def legends_above_data(fig, room: float = 0.35):
+    """Give each legend of ``fig`` a band of its own above the curves (the top ``room`` of the axis),
+    so that it covers no data, a spike included; returns ``fig``."""
+    for ax in fig.axes:
+        if ax.get_legend() is None:
+            continue
+        lo, hi = ax.get_ylim()
+        if ax.get_yscale() == "log":
+            ax.set_ylim(lo, hi * (hi / lo) ** (room / (1 - room)))
+        else:
+            ax.set_ylim(lo, hi + (hi - lo) * room / (1 - room))
+        ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table (for ``lesson.say``); floats are written as given, so format them first."""
     lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
@@ -37,7 +52,8 @@ class FailureLab:
 
     ``run(name, ...)`` trains a fresh course GPT (warmup then cosine, as the course's healthy
     runs) with a :class:`Monitor` writing ``<figure_dir>/<name>.jsonl``, and keeps the log's
-    records in ``logs[name]``: every diagnosis in 6.2 reads those records only."""
+    records in ``logs[name]``: every diagnosis in 6.2 reads those records; ``histories[name]`` keeps the
+    engine's per-step losses and gradient norms, for a look at steps the log does not sample."""
 
     def __init__(self, data: TokenData, *, steps: int, d_model: int, n_layers: int, n_heads: int, seq_len: int,
                  batch_size: int, lr: float, log_every: int = 2, seed: int = 0, device: str = "cpu",
@@ -51,6 +67,7 @@ class FailureLab:
         self.log_dir = log_dir
         self.logs: dict[str, list[dict]] = {}
         self.monitors: dict[str, Monitor] = {}
+        self.histories: dict = {}   # the engine's per-step History of each run (every step, not only logged ones)
 
     def batches_for(self, seed: int) -> Callable[[int], dict]:
         return window_batches(self.data.train, batch_size=self.batch_size, seq_len=self.shape["seq_len"], seed=seed)
@@ -68,11 +85,12 @@ class FailureLab:
         schedule = partial(cosine_lr, max_lr=peak_lr, min_lr=peak_lr / 10, warmup_steps=warmup,
                            cosine_steps=self.steps - 1)
         monitor = Monitor((self.log_dir or figure_dir()) / f"{name}.jsonl")
-        train(model if model is not None else self.fresh_model(seed),
-              next_batch if next_batch is not None else self.batches_for(seed), objective, steps=self.steps,
-              lr=peak_lr, lr_schedule=schedule, log_every=self.log_every, eval_every=self.steps // 2,
-              eval_fn=self.val_loss, device=self.device, progress=False, callbacks=[monitor, *callbacks],
-              **overrides)
+        self.histories[name] = train(
+            model if model is not None else self.fresh_model(seed),
+            next_batch if next_batch is not None else self.batches_for(seed), objective, steps=self.steps,
+            lr=peak_lr, lr_schedule=schedule, log_every=self.log_every, eval_every=self.steps // 2,
+            eval_fn=self.val_loss, device=self.device, progress=False, callbacks=[monitor, *callbacks],
+            **overrides)
         self.logs[name] = read_jsonl(monitor.jsonl_path)
         self.monitors[name] = monitor
         return monitor
