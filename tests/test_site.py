@@ -96,3 +96,20 @@ def test_the_browser_check_catches_each_kind_of_breakage(tmp_path):
     for expected in ("broken link", "image did not load", "math left unrendered", "console error: boom",
                      "JavaScript exception"):
         assert expected in problems, problems
+
+
+@needs_chromium
+@needs_mathjax
+def test_math_in_markdown_outputs_is_typeset_and_printed_dollars_are_left_alone(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("say(...)")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"text/markdown": r"KL is $\mathrm{KL}(p\|q) = 0.12$."}),
+                    nbformat.v4.new_output("stream", name="stdout", text="costs $5 and $6 \\alpha\n")]
+    nb.cells.append(cell)
+    (tmp_path / "executed" / "01_demo").mkdir(parents=True)
+    nbformat.write(nb, tmp_path / "executed" / "01_demo" / "01_page.ipynb")
+    site = tmp_path / "site"
+    build_site(tmp_path / "executed", site)
+    report = check_site(site, CHROMIUM, "01_demo/01_page.html")["01_demo/01_page.html"]
+    assert report.problems == [] and report.math == 1  # the markdown output typeset, the printed text left as text
+    assert "costs $5 and $6" in (site / "01_demo" / "01_page.html").read_text()
