@@ -11,7 +11,8 @@ from pretrain_lib.model import GPT, MaskedLM, ModelConfig
 from pretrain_lib.objectives import IGNORE_INDEX, mask_tokens
 from pretrain_lib.optim.accumulation import labelled_mlm_objective, per_micro_step_forward_backward
 from pretrain_lib.optim import (MuonWithAdamW, as_lr_lambda, build_optimizer, clip_grad_norm, cosine_lr,
-                                lr_range_test, muon_matrices, noam_lr, param_groups, wsd_lr)
+                                muon_matrices, noam_lr, param_groups, wsd_lr)
+from pretrain_lib.optim.range_test import lr_range_test
 from pretrain_lib.train import clm_objective, train, train_step
 
 

@@ -15,6 +15,8 @@ import torch
 
 from ..model import GPT, ModelConfig
 from ..objectives import clm_loss
+from ..train import clm_objective, train
+from .builder import build_optimizer
 
 
 @dataclass
@@ -109,9 +111,6 @@ def scheduled_run(data: TokenData, schedule: Callable[[int], float], steps: int,
     """Train the seeded course GPT (or ``model``) with ``schedule`` for ``steps`` steps on seeded batches;
     ``start_step`` offsets both the schedule and the batches (to continue a run from a checkpoint).
     Returns the model, its optimiser, the validation loss, the training losses and gradient norms."""
-    from ..train import clm_objective, train
-    from .builder import build_optimizer
-
     batches = window_batches(data.train, batch_size=batch_size, seq_len=seq_len, seed=seed)
     if model is None:
         model = course_gpt(data.vocab_size, d_model=d_model, n_layers=n_layers, seq_len=seq_len, seed=seed)

@@ -36,6 +36,9 @@ from typing import NamedTuple, Sequence
 
 import torch.nn as nn
 
+from ..train import train
+from .builder import build_optimizer
+
 
 SUGGESTION_DIVISOR = 3.0  # suggested_lr = lr_at_min / SUGGESTION_DIVISOR
 
@@ -133,9 +136,6 @@ def lr_range_test(model: nn.Module, batches, objective, *, min_lr: float = 1e-6,
     running median's width (odd), ``give_back`` the share of the loss's gain that, given back,
     counts as divergence. Returns an :class:`LRRangeResult` (unpacks as ``lrs, losses, ...``).
     """
-    from ..train import train  # here, not at the top: train imports this package
-    from .builder import build_optimizer
-
     if not 0 < min_lr < max_lr:
         raise ValueError(f"need 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
     if not isinstance(steps, int) or steps < 5:
