@@ -1,6 +1,6 @@
 """The pipeline bubble, measured: one model per micro-batch count, steps alternated between them.
 
-:func:`bubble_sweep` trains the by-hand GPipe schedule of :mod:`.pipeline_parallel` at several
+:func:`bubble_sweep` trains the by-hand GPipe schedule of :mod:`.pipeline_stages` at several
 micro-batch counts m. The counts take turns within each round (one step each, the order
 reversed every other round), so other programs on a shared machine slow every setting alike
 and the step-time ratios are paired within a round. Round 0 pays allocation and connection
@@ -31,6 +31,7 @@ from ..train import train_step
 from .arguments import autocast_dtype, base_parser
 from .metrics import StepTimer
 from .pipeline_schedules import bubble_theory, gpipe_bubble, gpipe_order, replay_schedule
+from .pipeline_stages import ByHandSchedule, pipeline_stage
 from .process_group import DistContext
 from .reference import build_model, global_batch, strategy_optimizer
 
@@ -135,7 +136,6 @@ def analyse(n_micro: int, per_rank_steps: list[list[dict]], step_seconds: list[f
 
 def bubble_sweep(args: argparse.Namespace, ctx: DistContext, micro_counts: list[int], rounds: int) -> list[dict]:
     """Train the by-hand GPipe at every count in ``micro_counts``, alternating, ``rounds`` timed steps each."""
-    from .pipeline_parallel import ByHandSchedule, pipeline_stage
     bargs = bubble_args(args)
     for m in micro_counts:
         if bargs.batch % m:

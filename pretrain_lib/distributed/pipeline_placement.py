@@ -14,7 +14,7 @@ from ..model import GPT
 from ..train import train_step
 from .arguments import autocast_dtype
 from .metrics import StepTimer, tensor_bytes, variant_record
-from .pipeline_parallel import autocast_context, bytes_over_ranks, last_stage_losses, n_targets, summed_clm_loss
+from .pipeline_stages import autocast_context, bytes_over_ranks, last_stage_losses, n_targets, summed_clm_loss
 from .pipeline_schedules import placement_crossings
 from .process_group import DistContext
 from .reference import build_model, global_batch, strategy_optimizer

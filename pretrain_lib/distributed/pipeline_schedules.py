@@ -1,6 +1,6 @@
 """Pipeline schedules as data: which stage holds which layers, in what order each stage runs its
 micro-steps, and the idle fraction ("bubble") of a schedule. Pure Python, no process group:
-:mod:`.pipeline_parallel` executes these orders on real ranks.
+:mod:`.pipeline_stages` executes these orders on real ranks.
 
 GPipe (Huang et al., 2019) runs every micro-batch forward, then every micro-batch backward;
 with p equal stages and m micro-batches each stage idles (p - 1) / (m + p - 1) of the step.

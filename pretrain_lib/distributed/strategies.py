@@ -8,7 +8,7 @@ engine's ``train_step`` trains; none of them contains a training loop:
   with a bf16 ``MixedPrecisionPolicy``;
 - :func:`apply_zero1`: shard Adam's state over the ranks (an optimiser wrapper, under DDP);
 - :func:`apply_tensor_parallel` (in :mod:`.tensor_parallel`): Megatron-style column/row splits;
-- :func:`pipeline_stage` (in :mod:`.pipeline_parallel`): this rank's contiguous stage of the GPT.
+- :func:`pipeline_stage` (in :mod:`.pipeline_stages`): this rank's contiguous stage of the GPT.
 
 Under data parallelism pass ``dp_group=True`` to ``train_step``: it all-reduces the loss and
 the target-token count together and rescales the averaged gradients, so the step equals one
@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..optim import param_groups
-from .pipeline_parallel import pipeline_stage
+from .pipeline_stages import pipeline_stage
 from .process_group import DistContext
 from .tensor_parallel import apply_tensor_parallel
 
