@@ -109,3 +109,15 @@ def save_figure(fig, name: str) -> FigureFile:
     path = FigureFile(figure_dir() / f"{name}.png")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+def show_figure(fig, name: str) -> FigureFile:
+    """Save ``fig`` (a headless run draws nothing on screen, so the file is what a reader sees), display it
+    once in the notebook, and close it so the inline backend does not draw it a second time."""
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    path = save_figure(fig, name)
+    display(fig)
+    plt.close(fig)
+    return path
