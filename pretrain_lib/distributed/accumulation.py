@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..data.synthetic import local_shard
 from ..train import clm_objective, train_step
 from .arguments import autocast_dtype, base_parser, check_args
-from .data_parallel import _ByteCounter, _counting_allreduce_hook  # one byte-counting hook for chapter 3 and 5
+from .data_parallel import ByteCounter, counting_allreduce_hook  # one byte-counting hook for chapter 3 and 5
 from .errors import run_main
 from .metrics import StepTimer, max_abs_diff, params_of, read_losses, variant_record, write_metrics
 from .process_group import DistContext, setup, teardown
@@ -41,8 +41,8 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
         raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(VARIANTS)}")
     autocast = autocast_dtype(args, ctx.device)
     model = build_model(args, ctx.device)
-    counter = _ByteCounter()
-    net = apply_ddp(model, ctx, comm_hook=(counter, _counting_allreduce_hook))
+    counter = ByteCounter()
+    net = apply_ddp(model, ctx, comm_hook=(counter, counting_allreduce_hook))
     opt = strategy_optimizer(model, args)
     # None: the engine uses net.no_sync on all but the last micro-step; the other variant syncs every time
     no_sync = None if variant == "no_sync" else contextlib.nullcontext

@@ -52,7 +52,7 @@ def average_gradients(model: nn.Module) -> int:
     return sent
 
 
-class _ByteCounter:
+class ByteCounter:
     """DDP communication hook state: counts the bytes of every bucket DDP all-reduces."""
 
     def __init__(self) -> None:
@@ -60,7 +60,7 @@ class _ByteCounter:
         self.buckets = 0
 
 
-def _counting_allreduce_hook(state, bucket):  # no annotations: DDP checks them and this module defers them
+def counting_allreduce_hook(state, bucket):  # no annotations: DDP checks them and this module defers them
     """Like DDP's default hook (average the bucket with one all-reduce), counting bytes on the way."""
     buffer = bucket.buffer()
     state.bytes += tensor_bytes(buffer)
@@ -70,7 +70,7 @@ def _counting_allreduce_hook(state, bucket):  # no annotations: DDP checks them 
     return fut.then(lambda f: f.value()[0])
 
 
-def by_hand_average(model_to_average: nn.Module, counter: _ByteCounter):
+def by_hand_average(model_to_average: nn.Module, counter: ByteCounter):
     """The engine's micro-batch loop followed by :func:`average_gradients` (a ``forward_backward``)."""
 
     def forward_backward(model, micro_batches, objective, **kwargs):
@@ -91,9 +91,9 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
         raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(VARIANTS)}")
     autocast = autocast_dtype(args, ctx.device)
     model = build_model(args, ctx.device)
-    ddp_bytes, manual_bytes = _ByteCounter(), _ByteCounter()
+    ddp_bytes, manual_bytes = ByteCounter(), ByteCounter()
     net: nn.Module = model if variant == "by_hand" else \
-        apply_ddp(model, ctx, comm_hook=(ddp_bytes, _counting_allreduce_hook))
+        apply_ddp(model, ctx, comm_hook=(ddp_bytes, counting_allreduce_hook))
     manual = by_hand_average(model, manual_bytes) if variant in ("by_hand", "ddp_plus_manual") else None
     opt = strategy_optimizer(model, args)
     # the pitfall: every rank reads rank 0's rows, so the ranks' gradients are identical
