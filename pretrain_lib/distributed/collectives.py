@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         for n in ns:
             times = sorted(timed[n])
             seconds = times[len(times) // 2]
-            algbw = n * 4 / seconds
+            algbw = n * 4 * (p if op == "all_gather" else 1) / seconds  # S / T, S the all-gather's output, else the input
             sent = count_bytes_sent(op, n, p, ctx.device, args.count_calls)
             per_rank = [None] * p
             dist.all_gather_object(per_rank, sent)
