@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer
 
+from pretrain_lib.benchmark.items import N_ITEMS
 from pretrain_lib.capstone.data import train_char_tokenizer
 from pretrain_lib.capstone.evaluate import validation_loss
 from pretrain_lib.data.loader import clm_collate
@@ -89,12 +90,13 @@ def test_cli_writes_the_contracts_json(full_char_run, tmp_path):
     for key in ("val_loss", "bits_per_byte", "mc_accuracy", "mc_chance", "mc_accuracy_ci95", "mc_unigram_accuracy",
                 "n_items"):
         assert key in r
-    assert r["mc_chance"] == 0.25 and r["n_items"] == 400
-    assert r["mc_held_out"] == {"items": 400, "in_validation": 400, "in_training": 0}
+    n = N_ITEMS
+    assert r["mc_chance"] == 0.25 and r["n_items"] == n
+    assert r["mc_held_out"] == {"items": n, "in_validation": n, "in_training": 0}
     assert r["bits_per_byte"] == pytest.approx(r["val_loss"] * r["val_tokens"] / (math.log(2) * r["val_bytes"]))
     lo, hi = r["mc_accuracy_ci95"]
     assert lo < r["mc_accuracy"] < hi and 0 <= lo and hi <= 1
-    assert np.isclose(r["mc_accuracy"] * 400, round(r["mc_accuracy"] * 400))
+    assert np.isclose(r["mc_accuracy"] * n, round(r["mc_accuracy"] * n))
 
 
 def test_cli_bad_input_exits_2_with_one_paragraph(tmp_path):

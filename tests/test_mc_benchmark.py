@@ -33,7 +33,8 @@ def test_the_committed_script_rebuilds_the_item_file_byte_for_byte(tmp_path):
 
 def test_items_come_from_plays_after_the_validation_boundary_and_are_well_formed(plays):
     items = mc.read_items()
-    assert len(items) == mc.N_ITEMS == 400
+    assert len(items) == mc.N_ITEMS == 600
+    assert {it.version for it in items} == {mc.VERSION} == {2}
     total = sum(len(d.text) + 1 for d in plays)
     start = {}
     offset = 0
@@ -44,13 +45,38 @@ def test_items_come_from_plays_after_the_validation_boundary_and_are_well_formed
     held_out_text = "\n".join(texts[name] for name in {it.source for it in items})
     for it in items:
         assert start[it.source] >= 0.92          # every held-out play starts inside the last 10 % (+2 points margin)
-        assert it.context + it.endings[it.label] in texts[it.source]   # the true line follows its context
-        true_len = len(it.endings[it.label])
-        for e in it.endings:
-            assert e.startswith("\n") and abs(len(e) - true_len) <= mc.LENGTH_TOLERANCE
-            assert e[1:] in held_out_text
+        assert it.context + it.endings[it.label] in texts[it.source]   # the true word follows its context
+        line_head = it.context.rsplit("\n", 1)[-1]
+        assert len(line_head) >= mc.MIN_HEAD and not line_head[-1].isspace()   # cut after a word, inside a line
+        true = it.endings[it.label]
+        for e in it.endings:                     # one word, its leading space, exactly the true one's length
+            assert e[0] == " " and len(e.split()) == 1 and len(e) == len(true)
+            assert mc.MIN_ENDING <= len(e) <= mc.MAX_ENDING
+            assert e in held_out_text
     labels = np.bincount([it.label for it in items], minlength=4)
-    assert labels.min() > 70                     # the true ending is not in one favoured place
+    assert labels.min() > 120                    # the true ending is not in one favoured place (150 expected)
+
+
+def test_a_cut_ends_after_a_word_of_a_spoken_line_and_distractors_follow_the_texts_frequencies():
+    text = "ROMEO\nBut soft, what light through yonder window breaks?\n_Enter JULIET above_\nExeunt all the rest"
+    cuts = mc.next_word_cuts([Document(name="r", text=text, domain="t")])
+    # cuts at least MIN_HEAD (10) characters into the line; speaker names and stage directions have none
+    assert [c[3] for c in cuts] == [" light", " through", " yonder", " window", " breaks?"]
+    assert all(text[c[2]:c[2] + len(c[3])] == c[3] and c[1] == 1 for c in cuts)
+    # by occurrence: a word the held-out text has 20 times is drawn ~20 times as often as one it has once
+    line = "Hark you, sir, {}\n"        # one cut per line: the last word
+    rare = ["mock", "aid!", "give", "rest", "hold", "bear", "lose", "keep", "pray", "stay", "fear", "hope",
+            "mark", "call", "seek", "tell", "weep", "burn", "rise", "fall"]
+    docs = [Document(name=f"d{i}", text="".join(line.format(w) for w in ["take"] * 40 + rare), domain="t")
+            for i in range(2)]
+    items = mc.build_items(docs, n_items=100, seed=1)
+    assert all(it.context.endswith("Hark you, sir,") for it in items)
+    rare_items = [it for it in items if it.endings[it.label] != " take"]
+    drawn = [e for it in rare_items for j, e in enumerate(it.endings) if j != it.label]
+    # "take" is 40 of the 59 other endings' occurrences: in about 90 % of these items (one distinct string of 20
+    # would give 15 %); each rare word in about 10 %
+    assert drawn.count(" take") > 0.75 * len(rare_items)
+    assert max(drawn.count(f" {w}") for w in rare) < 0.3 * len(rare_items)
 
 
 def test_held_out_documents_start_after_the_fraction():
@@ -114,6 +140,6 @@ def test_lm_eval_on_the_exported_model_gives_the_course_evaluators_accuracy(tmp_
 def test_an_ending_longer_than_the_window_is_refused_by_name():
     items = mc.read_items()[:2]
     tok = train_char_tokenizer([it.context + "".join(it.endings) for it in items])
-    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_heads=2, n_layers=1, max_seq_len=16))
+    model = GPT(ModelConfig(vocab_size=tok.get_vocab_size(), d_model=16, n_heads=2, n_layers=1, max_seq_len=4))
     with pytest.raises(scoring.WindowTooShort, match="longer model.seq_len"):
-        scoring.choice_loglikelihoods(model, tok, items, window=16)
+        scoring.choice_loglikelihoods(model, tok, items, window=4)

@@ -7,7 +7,7 @@ from pretrain_lib.benchmark.items import ITEM_FILE, read_items
 
 
 def load_items(items_file: str | None = None, **_metadata):
-    """A ``DatasetDict`` with one ``test`` split: the items of ``items_file`` (default: the shipped v1 file)."""
+    """A ``DatasetDict`` with one ``test`` split: the items of ``items_file`` (default: the shipped file, items.ITEM_FILE)."""
     import datasets
 
     items = read_items(items_file or ITEM_FILE)
