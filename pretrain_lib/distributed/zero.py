@@ -20,6 +20,9 @@ step (``measured_per_rank``): the CUDA allocator's statistics on a GPU; on the C
 no allocator statistics per tensor, the bytes of the distinct tensor storages that the
 model, the gradients and the optimiser hold (communication buffers and activations freed by
 then are not in it).
+During the steps a :class:`StepMemoryProbe` samples the parameter and gradient storages alive
+(``step_peak_bytes``, on any device) and counts the bytes handed to all-gathers and reduce-scatters
+(``comm_bytes_per_step``, FSDP2's included).
 """
 from __future__ import annotations
 
@@ -203,6 +206,87 @@ def _held_tensors(*modules: nn.Module, opt: torch.optim.Optimizer) -> list[torch
     return out
 
 
+class StepMemoryProbe:
+    """Peak bytes of the parameter and gradient storages alive *during* forward and backward.
+
+    The CPU has no allocator statistics, so this samples: before and after each block's forward,
+    when the gradient reaches each block's output and its input in backward, and inside every
+    all-gather and reduce-scatter (whose buffers count too, as ``buffers``). At each sample it adds
+    up the distinct storages of every parameter and gradient (FSDP2's sharded and unsharded copies
+    included); a freed storage counts 0. Samples can miss a transient inside one operation, so the
+    peak is a lower bound of the true one; activations and Adam's state are not in it.
+    It also counts the bytes handed to the collectives (all-gather output, reduce-scatter input).
+    """
+
+    def __init__(self, model: nn.Module, *extra_modules: nn.Module):
+        self.modules = (model, *extra_modules)
+        self.peak, self.parts, self.comm_bytes, self.handles = 0, {}, 0, []
+        self.fsdp_params = [fp for m in model.modules() if hasattr(m, "_get_fsdp_state")
+                            for group in [m._get_fsdp_state()._fsdp_param_group] if group is not None
+                            for fp in group.fsdp_params]
+
+    def _after_forward(self, module, inputs, output):
+        self.sample()
+        for t in (output, inputs[0] if inputs else None):  # backward reaches the output first, the input last
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                t.register_hook(lambda grad: self.sample())
+
+    def wrap(self, forward_backward):
+        """The engine's ``forward_backward`` with one more sample when it returns (all gradients made)."""
+        run = forward_backward or default_forward_backward
+
+        def probed(*args, **kwargs):
+            result = run(*args, **kwargs)
+            self.sample()
+            return result
+        return probed
+
+    def sample(self, *buffers: torch.Tensor) -> None:
+        params = [p for m in self.modules for p in m.parameters()]
+        for fp in self.fsdp_params:
+            params += [fp.sharded_param] + ([fp._unsharded_param] if hasattr(fp, "_unsharded_param") else [])
+        seen, parts = set(), {}
+        for kind, tensors in (("params", params), ("grads", [p.grad for p in params if p.grad is not None]),
+                              ("buffers", list(buffers))):
+            parts[kind] = 0
+            for t in tensors:
+                storage = _local(t).untyped_storage()
+                if storage.nbytes() and storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    parts[kind] += storage.nbytes()
+        if sum(parts.values()) > self.peak:
+            self.peak, self.parts = sum(parts.values()), parts
+
+    def __enter__(self):
+        """Count and sample inside the collectives that the by-hand code and FSDP2 call."""
+        import sys
+        module, self._saved = sys.modules[__name__], {}
+        for block in self.modules[0].backbone.blocks:
+            self.handles.append(block.register_forward_pre_hook(lambda *_: self.sample()))
+            self.handles.append(block.register_forward_hook(self._after_forward))
+
+        def counting(fn, buffer_arg):
+            def wrapped(*args, **kwargs):
+                out, inp = (kwargs.get("output", args[0] if args else None), kwargs.get("input", args[1] if len(args) > 1 else None))
+                self.comm_bytes += tensor_bytes([out, inp][buffer_arg])
+                self.sample(out, inp)
+                return fn(*args, **kwargs)
+            return wrapped
+        for owner, name, which in ((dist, "all_gather_single", 0), (dist, "reduce_scatter_single", 1),
+                                   (module, "_all_gather", 0), (module, "_reduce_scatter", 1)):
+            if hasattr(owner, name):
+                self._saved[(owner, name)] = getattr(owner, name)
+                setattr(owner, name, counting(getattr(owner, name), which))
+        return self
+
+    def __exit__(self, *exc):
+        for (owner, name), fn in self._saved.items():
+            setattr(owner, name, fn)
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
 VARIANTS = ("zero1", "zero2", "fsdp2", "by_hand")
 
 
@@ -229,16 +313,18 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
         sharded = FlatShardedModel(model, ctx, stage=2 if variant == "zero2" else 3)
         net, opt, forward_backward = model, strategy_optimizer(sharded, args), sharded.forward_backward
     timer, losses, grad_bytes = StepTimer(ctx.device), [], 0
+    probe = StepMemoryProbe(model, *([sharded] if sharded else []))
     for step in range(args.steps):
         ids = local_shard(global_batch(step, args), ctx.rank, ctx.world_size).to(ctx.device)
-        with timer.measure():
+        with timer.measure(), probe:
             result = train_step(net, [{"input_ids": ids}], clm_objective, opt, autocast=autocast, dp_group=True,
-                                forward_backward=forward_backward)
+                                forward_backward=probe.wrap(forward_backward))
         losses.append(result.loss)
         grad_bytes = sum(tensor_bytes(_local(p.grad)) for group in opt.param_groups for p in group["params"]
                          if p.grad is not None)
 
     measured = measured_memory(_held_tensors(model, *([sharded] if sharded else []), opt=opt), ctx.device, baseline)
+    measured.update(step_peak_bytes=probe.peak, step_peak_parts=probe.parts, comm_bytes_per_step=probe.comm_bytes / args.steps)
     if sharded is not None:
         bytes_per_step = sharded.bytes_sent / args.steps
         sharded.gather_params()  # assemble the final weights to compare them
