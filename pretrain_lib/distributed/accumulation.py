@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import contextlib
 
-import torch.distributed as dist
-
 from ..data.synthetic import local_shard
 from ..train import clm_objective, train_step
-from .arguments import autocast_dtype, base_parser, check_args
+from .arguments import autocast_dtype
 from .data_parallel import ByteCounter, counting_allreduce_hook  # one byte-counting hook for chapter 3 and 5
 from .errors import run_main
-from .metrics import StepTimer, max_abs_diff, params_of, read_losses, variant_record, write_metrics
-from .process_group import DistContext, setup, teardown
-from .reference import build_model, global_batch, reference_run, run_header, strategy_optimizer
+from .harness import StrategyRun
+from .metrics import StepTimer, params_of, read_losses, variant_record
+from .process_group import DistContext
+from .reference import build_model, global_batch, strategy_optimizer
 from .strategies import apply_ddp
 
 VARIANTS = ("no_sync", "sync_every_micro_step")
@@ -58,32 +57,25 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
                              seconds_per_step=timer.median, ddp_buckets_per_step=counter.buckets / args.steps)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = base_parser("Gradient accumulation under DDP, with and without no_sync().")
-    parser.add_argument("--micro-steps", type=int, default=4, help="micro-batches per optimiser step on each rank")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    args = parser.parse_args(argv)
-    ctx = setup(args.init_timeout)
-    check_args(args, ctx.world_size)
+def _micro_steps_divide(args, ctx: DistContext) -> None:
     if args.micro_steps < 1 or (args.batch // ctx.world_size) % args.micro_steps:
         raise ValueError(f"each rank's {args.batch // ctx.world_size} rows cannot be split into --micro-steps "
                          f"{args.micro_steps}; pick --batch a multiple of world size × micro-steps")
-    autocast = autocast_dtype(args, ctx.device)
-    ref_model, ref_losses = reference_run(args, ctx.device, autocast=autocast)  # one process, one piece
-    metrics = run_header("accumulation", args, ctx, ref_model, ref_losses, autocast)
-    metrics["micro_steps"] = args.micro_steps
-    for variant in args.variants.split(","):
-        dist.barrier()
-        out = train_variant(variant, args, ctx)
-        out["max_abs_diff_vs_single"] = max_abs_diff(out.pop("params"), params_of(ref_model))
-        metrics["variants"][variant] = out
-    metrics["max_abs_diff_vs_single"] = max(v["max_abs_diff_vs_single"] for v in metrics["variants"].values())
-    if {"no_sync", "sync_every_micro_step"} <= set(metrics["variants"]):
-        every = metrics["variants"]["sync_every_micro_step"]["bytes_per_step"]
-        metrics["bytes_saved_per_step"] = every - metrics["variants"]["no_sync"]["bytes_per_step"]
-    if ctx.is_main:
-        write_metrics(args.out, metrics)
-    teardown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    run = StrategyRun("accumulation", "Gradient accumulation under DDP, with and without no_sync().", VARIANTS, argv,
+                      add_arguments=lambda p: p.add_argument("--micro-steps", type=int, default=4,
+                                                             help="micro-batches per optimiser step on each rank"),
+                      check=_micro_steps_divide)
+    run.metrics["micro_steps"] = run.args.micro_steps
+    for variant in run.variants():
+        run.record(variant, train_variant(variant, run.args, run.ctx))
+    variants = run.metrics["variants"]
+    if {"no_sync", "sync_every_micro_step"} <= set(variants):
+        every = variants["sync_every_micro_step"]["bytes_per_step"]
+        run.metrics["bytes_saved_per_step"] = every - variants["no_sync"]["bytes_per_step"]
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -26,12 +26,12 @@ import torch.nn as nn
 
 from ..data.synthetic import local_shard
 from ..train import clm_objective, default_forward_backward, train_step
-from .arguments import autocast_dtype, base_parser, check_args
+from .arguments import autocast_dtype
 from .errors import run_main
-from .faults import inject_fault
-from .metrics import StepTimer, max_abs_diff, params_of, read_losses, tensor_bytes, variant_record, write_metrics
-from .process_group import DistContext, setup, teardown
-from .reference import build_model, global_batch, reference_run, run_header, strategy_optimizer
+from .harness import StrategyRun
+from .metrics import StepTimer, max_abs_diff, params_of, read_losses, tensor_bytes, variant_record
+from .process_group import DistContext
+from .reference import build_model, global_batch, reference_run, strategy_optimizer
 from .strategies import apply_ddp
 
 
@@ -111,35 +111,20 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser("Data parallel training by hand, with DDP, and with the double all-reduce pitfall.")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    args = parser.parse_args(argv)
-    ctx = setup(args.init_timeout)
-    check_args(args, ctx.world_size)
-    inject_fault(args, ctx)
-    autocast = autocast_dtype(args, ctx.device)
-    ref_model, ref_losses = reference_run(args, ctx.device, autocast=autocast)
-    ref = params_of(ref_model)
+    run = StrategyRun("data_parallel", "Data parallel training by hand, with DDP, and with the double all-reduce "
+                      "pitfall.", VARIANTS, argv)
+    args, ctx = run.args, run.ctx
+    # the same process trained on only batch / p sequences (rank 0's shard): what "same data on every rank" equals
     per_rank_rows = args.batch // ctx.world_size
-    one_shard_model, one_shard_losses = reference_run(args, ctx.device, n_rows=per_rank_rows, autocast=autocast)
+    one_shard_model, one_shard_losses = reference_run(args, ctx.device, n_rows=per_rank_rows, autocast=run.autocast)
     one_shard = params_of(one_shard_model)
-    metrics = run_header("data_parallel", args, ctx, ref_model, ref_losses, autocast)
-    metrics["n_param_tensors"] = len(list(ref_model.parameters()))
-    for variant in args.variants.split(","):
-        dist.barrier()  # start each variant together so timings compare
+    run.metrics.update(n_param_tensors=len(list(run.reference_model.parameters())), one_shard_rows=per_rank_rows,
+                       one_shard_losses=one_shard_losses)
+    for variant in run.variants():
         out = train_variant(variant, args, ctx)
-        params = out.pop("params")
-        out["max_abs_diff_vs_single"] = max_abs_diff(params, ref)
-        # the same process trained on only batch / p sequences (rank 0's shard)
+        params = run.record(variant, out)
         out["max_abs_diff_vs_one_shard"] = max_abs_diff(params, one_shard)
-        metrics["variants"][variant] = out
-    metrics["one_shard_rows"] = per_rank_rows
-    metrics["one_shard_losses"] = one_shard_losses
-    exact = [v["max_abs_diff_vs_single"] for k, v in metrics["variants"].items() if k in EXACT_VARIANTS]
-    metrics["max_abs_diff_vs_single"] = max(exact) if exact else float("nan")
-    if ctx.is_main:
-        write_metrics(args.out, metrics)
-    teardown()
+    run.finish(exact=EXACT_VARIANTS)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,17 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from ..train import train_step
-from .arguments import autocast_dtype, base_parser, check_args
+from .arguments import autocast_dtype
 from .errors import run_main
-from .faults import inject_fault
-from .metrics import StepTimer, max_abs_diff, params_of, variant_record, write_metrics
+from .harness import StrategyRun
+from .metrics import StepTimer, variant_record
 from .pipeline_bubble import bubble_sweep
 from .pipeline_placement import train_placement
 from .pipeline_schedules import (bubble_fraction, bubble_theory, gpipe_bubble, gpipe_order, layer_placement,  # noqa: F401
                                  one_f_one_b_order, placement_crossings, simulate_schedule, stage_layers)
 from .pipeline_stages import (ByHandSchedule, TorchSchedule, bytes_over_ranks, gather_params, last_stage_losses,
                               pipeline_stage)
-from .process_group import setup, teardown
-from .reference import build_model, global_batch, reference_run, run_header, strategy_optimizer
+from .reference import build_model, global_batch, strategy_optimizer
 
 
 STAGE_VARIANTS = ("naive", "by_hand", "by_hand_1f1b", "gpipe", "1f1b")
@@ -82,10 +81,8 @@ def train_variant(variant: str, args, ctx, n_micro: int, *, timed: bool = False)
                              bubble_measured=measured, bubble_simulated=simulated)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = base_parser("Pipeline parallelism: naive split, GPipe and 1F1B, by hand and with torch pipelining.")
+def _pipeline_arguments(parser) -> None:
     parser.add_argument("--micro", type=int, default=4, help="micro-batches per step for the equivalence runs")
-    parser.add_argument("--variants", default=",".join(STAGE_VARIANTS + ("round_robin",)))
     parser.add_argument("--bubble-micro", default="1,2,4,8",
                         help="micro-batch counts for the bubble measurement ('' to skip)")
     parser.add_argument("--bubble-steps", type=int, default=3,
@@ -94,32 +91,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bubble-d-model", type=int, default=128)
     parser.add_argument("--bubble-seq-len", type=int, default=64)
     parser.add_argument("--bubble-batch", type=int, default=32)
-    args = parser.parse_args(argv)
-    ctx = setup(args.init_timeout)
-    check_args(args, ctx.world_size)
+
+
+def _pipeline_fits(args, ctx) -> None:
     if ctx.world_size < 2:
         raise ValueError("a pipeline needs at least 2 ranks: launch with --nproc_per_node=2 or more")
     if args.batch % args.micro:
         raise ValueError(f"--batch {args.batch} is not divisible by --micro {args.micro}")
     stage_layers(args.n_layers, ctx.world_size)  # fails early with a clear message
-    inject_fault(args, ctx)
-    autocast = autocast_dtype(args, ctx.device)
-    ref_model, ref_losses = reference_run(args, ctx.device, autocast=autocast)
-    ref = params_of(ref_model)
-    metrics = run_header("pipeline_parallel", args, ctx, ref_model, ref_losses, autocast)
-    metrics["bubble"] = []
-    for variant in [v for v in args.variants.split(",") if v]:
-        out = train_variant(variant, args, ctx, args.micro)
-        out["max_abs_diff_vs_single"] = max(max_abs_diff(out.pop("params"), ref), out["tied_copies_max_abs_diff"])
-        metrics["variants"][variant] = out
-    micro_counts = [int(v) for v in args.bubble_micro.split(",") if v]
+
+
+def main(argv: list[str] | None = None) -> None:
+    run = StrategyRun("pipeline_parallel", "Pipeline parallelism: naive split, GPipe and 1F1B, by hand and with "
+                      "torch pipelining.", STAGE_VARIANTS + ("round_robin",), argv,
+                      add_arguments=_pipeline_arguments, check=_pipeline_fits)
+    run.metrics["bubble"] = []
+    for variant in run.variants():
+        out = train_variant(variant, run.args, run.ctx, run.args.micro)
+        run.record(variant, out)
+        out["max_abs_diff_vs_single"] = max(out["max_abs_diff_vs_single"], out["tied_copies_max_abs_diff"])
+    micro_counts = [int(v) for v in run.args.bubble_micro.split(",") if v]
     if micro_counts:  # the counts take turns step by step (see pipeline_bubble)
-        metrics["bubble"] = bubble_sweep(args, ctx, micro_counts, args.bubble_steps)
-    metrics["max_abs_diff_vs_single"] = max((v["max_abs_diff_vs_single"] for v in metrics["variants"].values()),
-                                            default=None)
-    if ctx.is_main:
-        write_metrics(args.out, metrics)
-    teardown()
+        run.metrics["bubble"] = bubble_sweep(run.args, run.ctx, micro_counts, run.args.bubble_steps)
+    run.finish()
 
 
 if __name__ == "__main__":

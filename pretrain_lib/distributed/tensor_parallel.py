@@ -26,13 +26,13 @@ import torch.nn.functional as F
 
 from ..model import GPT
 from ..train import clm_objective, train_step
-from .arguments import autocast_dtype, base_parser, check_args
+from .arguments import autocast_dtype
 from .comm_model import tensor_parallel_bytes
 from .errors import run_main
-from .faults import inject_fault
-from .metrics import StepTimer, max_abs_diff, params_of, read_losses, tensor_bytes, variant_record, write_metrics
-from .process_group import DistContext, setup, teardown
-from .reference import build_model, global_batch, reference_run, run_header, strategy_optimizer
+from .harness import StrategyRun
+from .metrics import StepTimer, read_losses, tensor_bytes, variant_record
+from .process_group import DistContext
+from .reference import build_model, global_batch, strategy_optimizer
 
 
 class TensorParallelComm:
@@ -307,41 +307,30 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
                              local_param_bytes=local_param_bytes)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = base_parser("Megatron-style tensor parallelism by hand and with DTensor.")
-    parser.add_argument("--variants", default="by_hand,dtensor")
-    args = parser.parse_args(argv)
-    ctx = setup(args.init_timeout)
-    check_args(args, ctx.world_size)
+def _heads_divide(args, ctx: DistContext) -> None:
     if args.n_heads % ctx.world_size:
         raise ValueError(f"--n-heads {args.n_heads} must be divisible by the {ctx.world_size} ranks")
-    inject_fault(args, ctx)
-    autocast = autocast_dtype(args, ctx.device)
-    ref_model, ref_losses = reference_run(args, ctx.device, autocast=autocast)
-    ref = params_of(ref_model)
-    c = ref_model.config
-    param_dtype = next(ref_model.parameters()).dtype
+
+
+def main(argv: list[str] | None = None) -> None:
+    run = StrategyRun("tensor_parallel", "Megatron-style tensor parallelism by hand and with DTensor.",
+                      ("by_hand", "dtensor"), argv, check=_heads_divide)
+    args, ctx, ref = run.args, run.ctx, run.reference
+    c = run.reference_model.config
+    param_dtype = next(run.reference_model.parameters()).dtype
     # forward all-reduces carry a linear layer's output (the autocast dtype); backward ones the
     # gradient of a LayerNorm's output, which stays in the parameters' dtype
-    forward_dtype = autocast if autocast is not None else param_dtype
-    metrics = run_header("tensor_parallel", args, ctx, ref_model, ref_losses, autocast)
-    metrics["full_param_bytes"] = metrics["param_bytes"]
-    metrics["predicted_bytes_per_step"] = tensor_parallel_bytes(
+    forward_dtype = run.autocast if run.autocast is not None else param_dtype
+    run.metrics["full_param_bytes"] = run.metrics["param_bytes"]
+    run.metrics["predicted_bytes_per_step"] = tensor_parallel_bytes(
         n_layers=c.n_layers, batch=args.batch, seq_len=args.seq_len, d_model=c.d_model,
         forward_value_bytes=torch.finfo(forward_dtype).bits // 8, backward_value_bytes=torch.finfo(param_dtype).bits // 8)
-    metrics["block_check"] = check_forward_backward(args, ctx)
-    for variant in args.variants.split(","):
-        dist.barrier()
+    run.metrics["block_check"] = check_forward_backward(args, ctx)
+    for variant in run.variants():
         out = train_variant(variant, args, ctx)
-        params = out.pop("params")
-        out["max_abs_diff_vs_single"] = max_abs_diff(params, ref)
+        params = run.record(variant, out)
         out["worst_param"] = max(ref, key=lambda k: float((params[k].cpu() - ref[k].cpu()).abs().max()))
-        metrics["variants"][variant] = out
-    metrics["max_abs_diff_vs_single"] = max([v["max_abs_diff_vs_single"] for v in metrics["variants"].values()]
-                                            + list(metrics["block_check"].values()))
-    if ctx.is_main:
-        write_metrics(args.out, metrics)
-    teardown()
+    run.finish(also=run.metrics["block_check"].values())
 
 
 if __name__ == "__main__":
