@@ -32,13 +32,12 @@ import torch.nn as nn
 
 from ..data.synthetic import local_shard
 from ..train import clm_objective, default_forward_backward, train_step
-from .arguments import autocast_dtype, base_parser, check_args
+from .arguments import autocast_dtype
 from .errors import run_main
-from .faults import inject_fault
-from .metrics import StepTimer, max_abs_diff, params_of, read_losses, tensor_bytes, variant_record, write_metrics
-from .process_group import DistContext, setup, teardown
-from .reference import (ADAM_EPS, WEIGHT_DECAY, build_model, global_batch, reference_run, run_header,
-                        strategy_optimizer)
+from .harness import StrategyRun
+from .metrics import StepTimer, params_of, read_losses, tensor_bytes, variant_record
+from .process_group import DistContext
+from .reference import ADAM_EPS, WEIGHT_DECAY, build_model, global_batch, strategy_optimizer
 from .strategies import apply_ddp, apply_fsdp, apply_zero1, bf16_mixed_precision
 
 # torch >= 2.13 names these collectives *_single and deprecates the old names; use whichever exists
@@ -345,27 +344,13 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = base_parser("ZeRO-1 (ZeroRedundancyOptimizer), ZeRO-2 by hand, FSDP2 and ZeRO-3 by hand, with per-rank memory.")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    args = parser.parse_args(argv)
-    ctx = setup(args.init_timeout)
-    check_args(args, ctx.world_size)
-    inject_fault(args, ctx)
-    autocast = autocast_dtype(args, ctx.device)
-    ref_model, ref_losses = reference_run(args, ctx.device, autocast=autocast)
-    ref = params_of(ref_model)
-    metrics = run_header("zero", args, ctx, ref_model, ref_losses, autocast)
-    metrics["formula_bytes"] = {f"stage{s}": zero_memory_formula(metrics["n_params"], ctx.world_size, s)
-                                for s in range(4)}
-    for variant in args.variants.split(","):
-        dist.barrier()
-        out = train_variant(variant, args, ctx)
-        out["max_abs_diff_vs_single"] = max_abs_diff(out.pop("params"), ref)
-        metrics["variants"][variant] = out
-    metrics["max_abs_diff_vs_single"] = max(v["max_abs_diff_vs_single"] for v in metrics["variants"].values())
-    if ctx.is_main:
-        write_metrics(args.out, metrics)
-    teardown()
+    run = StrategyRun("zero", "ZeRO-1 (ZeroRedundancyOptimizer), ZeRO-2 by hand, FSDP2 and ZeRO-3 by hand, with "
+                      "per-rank memory.", VARIANTS, argv)
+    run.metrics["formula_bytes"] = {f"stage{s}": zero_memory_formula(run.metrics["n_params"], run.ctx.world_size, s)
+                                    for s in range(4)}
+    for variant in run.variants():
+        run.record(variant, train_variant(variant, run.args, run.ctx))
+    run.finish()
 
 
 if __name__ == "__main__":
