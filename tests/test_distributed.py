@@ -22,7 +22,7 @@ from pretrain_lib.distributed.pipeline_schedules import (bubble_fraction, bubble
                                                          replay_schedule, simulate_schedule, stage_layers)
 from pretrain_lib.distributed.process_group import setup
 from pretrain_lib.distributed.reference import global_batch
-from pretrain_lib.distributed.tensor_parallel import ColumnParallelLinear
+from pretrain_lib.distributed.tensor_parallel_layers import ColumnParallelLinear
 from pretrain_lib.distributed.zero import zero_memory_formula
 from pretrain_lib.process_tree import process_group_alive
 

@@ -7,7 +7,7 @@ engine's ``train_step`` trains; none of them contains a training loop:
 - :func:`apply_fsdp`: FSDP2 ``fully_shard`` on every block and the root (ZeRO-3), optionally
   with a bf16 ``MixedPrecisionPolicy``;
 - :func:`apply_zero1`: shard Adam's state over the ranks (an optimiser wrapper, under DDP);
-- :func:`apply_tensor_parallel` (in :mod:`.tensor_parallel`): Megatron-style column/row splits;
+- :func:`apply_tensor_parallel` (in :mod:`.tensor_parallel_layers`): Megatron-style column/row splits;
 - :func:`pipeline_stage` (in :mod:`.pipeline_stages`): this rank's contiguous stage of the GPT.
 
 Under data parallelism pass ``dp_group=True`` to ``train_step``: it all-reduces the loss and
@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..optim import param_groups
 from .pipeline_stages import pipeline_stage
 from .process_group import DistContext
-from .tensor_parallel import apply_tensor_parallel
+from .tensor_parallel_layers import apply_tensor_parallel
 
 __all__ = ["apply_ddp", "apply_fsdp", "apply_tensor_parallel", "apply_zero1", "bf16_mixed_precision",
            "pipeline_stage"]

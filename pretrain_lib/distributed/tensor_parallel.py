@@ -1,19 +1,10 @@
-"""Tensor parallelism (Megatron-LM style): split each layer's weight matrices across ranks.
+"""Tensor parallelism (Megatron-LM style), the chapter's runner: the course's GPT trained with its
+layers split across ranks, by hand and with DTensor, against one process.
 
-In the MLP the first linear layer is split by output columns (each rank computes d_ff/p
-of the hidden units, and GELU acts on them locally), the second by input rows (each rank
-produces a partial sum of the output); one all-reduce per MLP joins the partial sums.
-Attention splits the same way by heads: each rank owns n_heads/p heads' Q, K, V columns
-and the matching rows of the output projection.
-
-Two autograd operators carry the communication (Shoeybi et al., 2019, the f and g of
-Fig. 3): :class:`CopyToTensorParallel` is the identity forward and all-reduces the
-gradient backward; :class:`ReduceFromTensorParallel` all-reduces forward and is the
-identity backward.
-
-:func:`apply_tensor_parallel` converts every block of the course's GPT, by hand or with
-DTensor (``parallelize_module``); the module trains both with the engine's ``train_step``
-and compares the weights with one process training the unsharded model.
+The layers (column- and row-parallel linear, the MLP and attention split by heads, the two
+communication operators f and g) are in :mod:`.tensor_parallel_layers`. This module trains both
+implementations with the engine's ``train_step``, checks one block's forward and backward against
+the unsharded block, and compares the weights with one process training the unsharded model.
 """
 from __future__ import annotations
 
@@ -21,8 +12,6 @@ import contextlib
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 
 from ..model import GPT
 from ..train import clm_objective, train_step
@@ -33,191 +22,7 @@ from .harness import StrategyRun
 from .metrics import StepTimer, read_losses, tensor_bytes, variant_record
 from .process_group import DistContext
 from .reference import build_model, global_batch, strategy_optimizer
-
-
-class TensorParallelComm:
-    """The tensor-parallel group and a count of the bytes its all-reduces carried."""
-
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        self.group, self.bytes = group, 0
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, group=self.group)
-        self.bytes += tensor_bytes(t)
-        return t
-
-
-class CopyToTensorParallel(torch.autograd.Function):
-    """f: identity forward; backward sums the input gradient over the ranks (each rank's
-    columns contributed part of it)."""
-
-    @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.comm.all_reduce(grad.contiguous()), None
-
-
-class ReduceFromTensorParallel(torch.autograd.Function):
-    """g: forward sums the ranks' partial outputs; backward passes the gradient through
-    (every rank needs the whole output gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, comm):
-        return comm.all_reduce(x.contiguous().clone())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def column_shard(weight: torch.Tensor, bias: torch.Tensor | None, rank: int, world_size: int
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rank ``rank``'s block of output features of an ``(out, in)`` weight: ``(out / p, in)`` and ``(out / p,)``."""
-    if weight.size(0) % world_size:
-        raise ValueError(f"{weight.size(0)} output features cannot be split over {world_size} ranks")
-    return weight.chunk(world_size, dim=0)[rank], None if bias is None else bias.chunk(world_size)[rank]
-
-
-class ColumnParallelLinear(nn.Module):
-    """Holds :func:`column_shard` of a linear layer: output ``(..., out / p)``; no communication."""
-
-    def __init__(self, full: nn.Linear, rank: int, world_size: int):
-        super().__init__()
-        weight, bias = column_shard(full.weight.detach(), full.bias.detach(), rank, world_size)
-        self.weight, self.bias = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class RowParallelLinear(nn.Module):
-    """Holds input columns ``rank`` of ``W``: partial products are summed by one all-reduce;
-    the bias is added once, after the sum."""
-
-    def __init__(self, full: nn.Linear, rank: int, world_size: int, comm: TensorParallelComm):
-        super().__init__()
-        if full.in_features % world_size:
-            raise ValueError(f"{full.in_features} input features cannot be split over {world_size} ranks")
-        self.comm = comm
-        self.weight = nn.Parameter(full.weight.detach().chunk(world_size, dim=1)[rank].clone())
-        self.bias = nn.Parameter(full.bias.detach().clone())
-
-    def forward(self, x_local: torch.Tensor) -> torch.Tensor:
-        return ReduceFromTensorParallel.apply(F.linear(x_local, self.weight), self.comm) + self.bias
-
-
-class TensorParallelMLP(nn.Module):
-    """``down(gelu(up(x)))`` with ``up`` column-parallel and ``down`` row-parallel: one all-reduce forward."""
-
-    def __init__(self, mlp: nn.Module, rank: int, world_size: int, comm: TensorParallelComm):
-        super().__init__()
-        self.comm = comm
-        self.up = ColumnParallelLinear(mlp.up, rank, world_size)
-        self.down = RowParallelLinear(mlp.down, rank, world_size, comm)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = CopyToTensorParallel.apply(x, self.comm)
-        return self.down(F.gelu(self.up(x)))
-
-
-def split_qkv(qkv: nn.Linear) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    """The course's fused ``qkv`` layer ``(3d, d)`` as three ``(d, d)`` layers q, k, v.
-
-    Splitting the fused matrix by rows would hand rank 0 all of Q and part of K; split
-    per projection, each rank gets its heads' Q, K and V.
-    """
-    d = qkv.in_features
-    out = []
-    for i in range(3):
-        lin = nn.Linear(d, d, device=qkv.weight.device)
-        with torch.no_grad():
-            lin.weight.copy_(qkv.weight[i * d:(i + 1) * d])
-            lin.bias.copy_(qkv.bias[i * d:(i + 1) * d])
-        out.append(lin)
-    return tuple(out)
-
-
-def _only_causal(*masks) -> None:
-    """The block passes its optional masks (padding, prefix) on; the lesson's batches use none."""
-    if any(m is not None for m in masks):
-        raise NotImplementedError("the tensor-parallel lesson uses unpadded, purely causal batches")
-
-
-class HeadSplitAttention(nn.Module):
-    """Causal self-attention with separate q, k, v layers; works on all heads or on a
-    rank's share of them (the head count is read from the layer's output width)."""
-
-    def __init__(self, attn: nn.Module, head_dim: int):
-        super().__init__()
-        self.head_dim = head_dim
-        self.q, self.k, self.v = split_qkv(attn.qkv)
-        self.proj = attn.proj
-
-    def attend(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``(b, t, d)`` → concatenated head outputs ``(b, t, local_heads · head_dim)``."""
-        b, t, _ = x.shape
-        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (self.q(x), self.k(x), self.v(x)))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return y.transpose(1, 2).reshape(b, t, -1)
-
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *masks) -> torch.Tensor:
-        _only_causal(key_padding_mask, *masks)
-        return self.proj(self.attend(x))
-
-
-class TensorParallelAttention(HeadSplitAttention):
-    """Each rank computes n_heads / p heads: q, k, v column-parallel, proj row-parallel."""
-
-    def __init__(self, attn: nn.Module, head_dim: int, n_heads: int, rank: int, world_size: int,
-                 comm: TensorParallelComm):
-        if n_heads % world_size:
-            raise ValueError(f"{n_heads} heads cannot be split over {world_size} ranks; pick n_heads divisible by it")
-        super().__init__(attn, head_dim)
-        self.comm = comm
-        self.q, self.k, self.v = (ColumnParallelLinear(lin, rank, world_size) for lin in (self.q, self.k, self.v))
-        self.proj = RowParallelLinear(attn.proj, rank, world_size, comm)
-
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *masks) -> torch.Tensor:
-        _only_causal(key_padding_mask, *masks)
-        return self.proj(self.attend(CopyToTensorParallel.apply(x, self.comm)))
-
-
-DTENSOR_PLAN = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.up", "mlp.down")
-
-
-def apply_tensor_parallel(model: GPT, mesh, *, implementation: str = "dtensor",
-                          comm: TensorParallelComm | None = None) -> GPT:
-    """Split every block's attention (by heads) and MLP over the 1-D ``mesh`` (in place).
-
-    ``implementation="by_hand"`` uses this module's layers and the f/g operators (``comm``
-    counts their bytes); ``"dtensor"`` the same split with ``parallelize_module``
-    (``ColwiseParallel`` for q, k, v and up; ``RowwiseParallel`` for proj and down).
-    Embeddings, LayerNorms and the tied output layer stay replicated: every rank computes
-    them identically, and f's backward all-reduce gives them the full gradient.
-    """
-    c = model.config
-    if c.n_heads % mesh.size():
-        raise ValueError(f"{c.n_heads} heads cannot be split over {mesh.size()} ranks; pick n_heads divisible by it")
-    if implementation == "by_hand":
-        rank, world = mesh.get_local_rank(), mesh.size()
-        comm = comm if comm is not None else TensorParallelComm(mesh.get_group())
-        for block in model.backbone.blocks:
-            block.attn = TensorParallelAttention(block.attn, c.head_dim, c.n_heads, rank, world, comm)
-            block.mlp = TensorParallelMLP(block.mlp, rank, world, comm)
-    elif implementation == "dtensor":
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-        plan = {name: RowwiseParallel() if name.endswith(("proj", "down")) else ColwiseParallel()
-                for name in DTENSOR_PLAN}
-        for block in model.backbone.blocks:
-            block.attn = HeadSplitAttention(block.attn, c.head_dim)
-            parallelize_module(block, mesh, plan)
-    else:
-        raise ValueError(f"unknown implementation {implementation!r}; choose 'by_hand' or 'dtensor'")
-    return model
+from .tensor_parallel_layers import TensorParallelComm, apply_tensor_parallel, column_shard
 
 
 def _mixed_tensor_kinds(variant: str):

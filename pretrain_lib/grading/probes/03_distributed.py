@@ -2,8 +2,8 @@
 # torchrun (pretrain_lib.grading.rank_probe), once per submission, on inputs from the secret
 # seed; rank 0 returns every rank's values and the judge compares them with the solution's.
 FORBIDDEN = {"gpipe_order", "pretrain_lib.distributed.pipeline_parallel", "pretrain_lib.distributed.pipeline_stages",
-             "pretrain_lib.distributed.tensor_parallel", "pretrain_lib.distributed.data_parallel",
-             "pretrain_lib.distributed.exercise_check", "exercise_check",
+             "pretrain_lib.distributed.tensor_parallel", "pretrain_lib.distributed.tensor_parallel_layers",
+             "pretrain_lib.distributed.data_parallel", "pretrain_lib.distributed.exercise_check", "exercise_check",
              "DistributedDataParallel", "all_reduce_gradients", "ColwiseParallel"}
 
 
