@@ -71,33 +71,11 @@ def run_op(op: str, n: int, rank: int, world: int, device: torch.device) -> tupl
     raise ValueError(f"unknown collective {op!r}; choose among {', '.join(RING_OPS)}")
 
 
-def time_op(op: str, n: int, world: int, device: torch.device, iters: int, warmup: int = 3) -> list[float]:
-    """Seconds of each of ``iters`` timed calls, after ``warmup`` untimed ones (inputs allocated
-    outside the timed region). Rank 0's clock; every call starts after a barrier."""
-    if iters < 1 or warmup < 0:
-        raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
-    x = torch.ones(n, device=device)
-    out = torch.empty(n * world if op == "all_gather" else max(n // world, 1), device=device)
-    times = []
-    for i in range(warmup + iters):
-        dist.barrier()
-        wait_for_device(device)
-        t0 = time.perf_counter()
-        if op == "all_reduce":
-            dist.all_reduce(x)
-        elif op == "all_gather":
-            _all_gather(out, x)
-        else:
-            _reduce_scatter(out, x)
-        wait_for_device(device)
-        if i >= warmup:  # warm-ups pay connection setup and allocation
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def time_sizes(op: str, ns: list[int], world: int, device: torch.device, iters: int, warmup: int = 3) -> dict[int, list[float]]:
-    """Like :func:`time_op` for several sizes at once, the sizes taking turns call by call (the order
-    reversed every other round), so a burst of load from other programs slows every size alike."""
+    """Seconds of each of ``iters`` timed calls per size in ``ns``, after ``warmup`` untimed rounds (inputs
+    allocated outside the timed region; rank 0's clock; every call starts after a barrier). The sizes take
+    turns call by call (the order reversed every other round), so a burst of load from other programs slows
+    every size alike."""
     if iters < 1 or warmup < 0:
         raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     bufs = {n: (torch.ones(n, device=device),
