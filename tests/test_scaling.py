@@ -227,7 +227,7 @@ def test_published_data_file():
 
 
 def test_published_fit_matches_the_replication_and_is_reproducible(published_fit):
-    # Besiroglu et al. (2024): E 1.82, A 482, B 2085, alpha 0.35, beta 0.37 (rounded in their table)
+    # Besiroglu et al. (2024): E 1.82, A 482, B 2085, alpha 0.35, beta 0.37 (two decimals, as stored)
     assert published_fit.E == pytest.approx(1.82, abs=0.01)
     assert published_fit.alpha == pytest.approx(0.35, abs=0.01)
     assert published_fit.beta == pytest.approx(0.37, abs=0.01)

@@ -1,7 +1,7 @@
 """Published estimates of the Chinchilla law and the paper's own data points.
 
 - :data:`PAPER_FIT`: Hoffmann et al. (2022), Approach 3 as published.
-- :data:`EPOCH_FIT`: Besiroglu et al. (2024), the replication, as rounded in their table.
+- :data:`EPOCH_FIT`: Besiroglu et al. (2024), the replication, to the two decimals stored here.
 - :data:`REPLICATION_FIT`: the course's own replication-style fit on the 240 points.
 - :func:`load_chinchilla_data`: the points of the paper's Figure 4, as extracted by Epoch AI.
 """
@@ -18,14 +18,15 @@ from .law import ChinchillaFit
 #: Hoffmann et al. (2022), Approach 3 as published.
 PAPER_FIT = ChinchillaFit(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, label="Hoffmann et al. 2022")
 #: Besiroglu et al. (2024), the same method on the SVG-extracted points, five outliers dropped,
-#: as rounded in their paper's table. The rounding matters: with these two-decimal exponents
-#: the law fits the points worse than the paper's own parameters do (see notebook 4.2).
+#: from their paper's table, stored with two-decimal E, alpha, beta and whole A, B. Whether the
+#: paper prints more digits is not checked here; with these two-decimal exponents the law fits the
+#: points worse than the paper's own parameters do (notebook 4.2 measures what the rounding costs).
 EPOCH_FIT = ChinchillaFit(E=1.82, A=482.0, B=2085.0, alpha=0.35, beta=0.37,
-                          label="Besiroglu et al. 2024 (as rounded in their table)")
+                          label="Besiroglu et al. 2024 (two decimals, as stored)")
 #: The course's own replication-style fit: :func:`pretrain_lib.scaling.fit_chinchilla` with the
 #: paper's 4500-start grid on ``load_chinchilla_data()`` (the 240 points the replication kept),
 #: stored to six significant digits. ``tests/test_scaling.py`` refits and checks these values;
-#: they agree with the replication's table to its rounding (E 1.82, A 482, B 2085, alpha 0.35,
+#: they agree with the replication's estimates to the stored rounding (E 1.82, A 482, B 2085, alpha 0.35,
 #: beta 0.37, up to 3 % on A and B).
 REPLICATION_FIT = ChinchillaFit(E=1.81722, A=477.826, B=2143.42, alpha=0.347310, beta=0.367172,
                                 label="replication-style fit (this course, 240 points)")
