@@ -52,6 +52,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def wait_for_device(device: torch.device | str) -> None:
+    """Wait for the work queued on an accelerator (CUDA, MPS) so a timer measures it; a no-op on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and PyTorch (CPU and CUDA) and return a CPU generator seeded the same way.
 

@@ -66,3 +66,24 @@ def test_course_device_overrides_auto_only(machine, monkeypatch):
     monkeypatch.setenv("COURSE_DEVICE", "cuda")
     with pytest.raises(RuntimeError, match="no CUDA GPU"):  # the override is checked like a request
         resolve_device("auto")
+
+
+def test_wait_for_device_synchronises_the_right_accelerator(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("cuda", str(device))))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append(("mps", None)))
+    utils.wait_for_device("cpu")
+    utils.wait_for_device(torch.device("mps"))
+    utils.wait_for_device("cuda:1")
+    assert calls == [("mps", None), ("cuda", "cuda:1")]
+
+
+def test_peak_flops_on_mps_is_measured_not_refused(monkeypatch):
+    from pretrain_lib.monitor import peak
+    asked = []
+    monkeypatch.setattr(peak, "measure_peak_flops",
+                        lambda device, name, size=1024: asked.append((str(device), name, size)) or 5e12)
+    value, source = peak.peak_flops_info("mps", "bf16")
+    assert (value, asked) == (5e12, [("mps", "bf16", 4096)]) and "Apple GPU" in source
+    with pytest.raises(ValueError, match="no peak FLOP/s known"):
+        peak.peak_flops_info("meta", "fp32")

@@ -22,11 +22,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..utils import wait_for_device
 from .arguments import base_parser
 from .comm_model import RING_OPS, ring_traffic_factor
 from .errors import run_main
 from .faults import inject_fault
-from .metrics import wait_for_device, write_metrics
+from .metrics import write_metrics
 from .process_group import setup, teardown
 
 # torch >= 2.13 names these collectives *_single and deprecates the old names; use whichever exists

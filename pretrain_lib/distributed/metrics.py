@@ -25,6 +25,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from ..utils import wait_for_device
+
 METRICS_FILE = "metrics.json"
 # fp32 strategies reproduce one process to float rounding; bf16 autocast rounds every matmul,
 # and a different batch split may pick a different kernel, so allow bf16's relative precision
@@ -47,12 +49,6 @@ def max_abs_diff(named_a: dict[str, torch.Tensor], named_b: dict[str, torch.Tens
         raise KeyError(f"parameter names differ: {sorted(set(named_a) ^ set(named_b))[:5]}")
     diffs = [(named_a[k].detach().float().cpu() - named_b[k].detach().float().cpu()).abs().max() for k in named_a]
     return float(torch.stack(diffs).max())
-
-
-def wait_for_device(device: torch.device) -> None:
-    """Wait for queued GPU work so a timer measures it (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class StepTimer:

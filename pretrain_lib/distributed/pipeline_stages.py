@@ -27,7 +27,8 @@ import torch.nn as nn
 
 from ..model import GPT
 from ..objectives import IGNORE_INDEX, clm_loss
-from .metrics import read_losses, tensor_bytes, wait_for_device
+from ..utils import wait_for_device
+from .metrics import read_losses, tensor_bytes
 from .pipeline_schedules import stage_layers
 from .process_group import DistContext
 

@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from ..utils import wait_for_device
+
 # (substring of torch.cuda.get_device_name, dtype) -> dense FLOP/s, and where it comes from.
 # fp32 means TF32 tensor cores, which pretrain_lib.utils.configure_backend turns on for CUDA.
 # Checked in order: the more specific names first ("H100 NVL" before "H100").
@@ -79,18 +81,13 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype | 
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device=device, dtype=torch_dtype)
     b = torch.randn(size, size, generator=gen).to(device=device, dtype=torch_dtype)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     torch.mm(a, b)
-    sync()
+    wait_for_device(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
-        sync()
+        wait_for_device(device)
         best = min(best, time.perf_counter() - start)
     flops = 2.0 * size ** 3 / best
     if cache:
@@ -101,8 +98,8 @@ def measure_peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype | 
 def peak_flops_info(device: torch.device | str, dtype: torch.dtype | str | None = "bf16") -> tuple[float, str]:
     """``(peak FLOP/s, where the figure comes from)`` for ``device`` computing in ``dtype``.
 
-    CUDA: the datasheet table above, else a measured probe with a warning. CPU (and any
-    other device): the measured probe. Never a silent default.
+    CUDA: the datasheet table above, else a measured probe with a warning. Apple's MPS and the
+    CPU: the measured probe (no datasheet gives one number for them). Never a silent default.
     """
     device = torch.device(device)
     name = dtype_name(dtype)
@@ -117,6 +114,8 @@ def peak_flops_info(device: torch.device | str, dtype: torch.dtype | str | None 
         return measure_peak_flops(device, name, size=8192), f"measured: best {name} 8192² matmul on {gpu}"
     if device.type == "cpu":
         return measure_peak_flops(device, name), f"measured: best {name} 1024² matmul on this CPU"
+    if device.type == "mps":
+        return measure_peak_flops(device, name, size=4096), f"measured: best {name} 4096² matmul on this Apple GPU"
     raise ValueError(f"no peak FLOP/s known for device type {device.type!r}; pass peak_flops= explicitly")
 
 
