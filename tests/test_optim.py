@@ -341,3 +341,17 @@ def test_validation_loss_is_the_mean_clm_loss_on_fixed_windows():
     with torch.no_grad():
         expected = float(clm_loss(model(windows), windows))  # equal windows: mean of means = overall mean
     assert eval_fn(model) == pytest.approx(expected, rel=1e-5) and model.training
+
+
+def test_newton_schulz_keeps_singular_vectors_and_brings_singular_values_near_one():
+    from pretrain_lib.optim.experiments import newton_schulz
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    w, _ = torch.linalg.qr(torch.randn(96, 32, generator=g, dtype=torch.float64))
+    B = (u @ torch.diag(torch.logspace(0, -2, 32, dtype=torch.float64)) @ w.T).float()
+    O = newton_schulz(B).double()
+    sv = torch.linalg.svdvals(O)
+    assert 0.5 < sv.min() and sv.max() < 1.3
+    polar = u @ w.T                            # the exact orthogonalisation U V^T, from the construction
+    cosine = (O * polar).sum() / (O.norm() * polar.norm())
+    assert cosine > 0.95

@@ -122,3 +122,13 @@ def scheduled_run(data: TokenData, schedule: Callable[[int], float], steps: int,
     val = validation_loss_fn(data.val, seq_len=seq_len)(model)
     return {"model": model, "optimizer": optimizer, "val": val, "losses": hist.losses,
             "grad_norms": hist.grad_norms}
+
+
+def newton_schulz(matrix: torch.Tensor, passes: int = 5) -> torch.Tensor:
+    """Muon's orthogonalisation of ``matrix``: ``passes`` Newton–Schulz iterations
+    $X \\leftarrow aX + b(XX^\\top)X + c(XX^\\top)^2X$ with torch's Muon coefficients, on the matrix
+    scaled to spectral norm at most 1. Its singular values land near 1 (roughly 0.7-1.2: the
+    coefficients trade exactness for speed) and its singular vectors are the input's. A wrapper so
+    lessons do not import torch's private ``torch.optim._muon`` (the one place to change if it moves)."""
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, _zeropower_via_newtonschulz
+    return _zeropower_via_newtonschulz(matrix, (DEFAULT_A, DEFAULT_B, DEFAULT_C), passes, 1e-7).float()
