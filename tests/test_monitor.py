@@ -438,6 +438,27 @@ def test_headless_live_view_writes_the_final_dashboard(tmp_path, monkeypatch):
     assert monitor.live_view.saved == tmp_path / "final_view.png" and monitor.live_view.saved.stat().st_size > 0
 
 
+def test_headless_live_view_keeps_a_frame_at_every_redraw_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_HEADLESS", "1")
+    monkeypatch.setenv("COURSE_FIGURE_DIR", str(tmp_path))
+    monitor = Monitor(live=True, live_every=2, live_figure="view", peak_flops=1e12)
+    monitor.keep_live_frames = True
+    _run(monitor, steps=12, log_every=2)   # 6 logged steps: redraws at the 2nd, 4th and 6th
+    view = monitor.live_view
+    assert view.updates == 6 and view.redraws == 3
+    assert [f.name for f in view.frames] == ["view_step4.png", "view_step8.png", "view_step12.png"]
+    assert all(f.stat().st_size > 0 for f in view.frames)
+
+
+def test_headless_live_view_draws_nothing_by_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("COURSE_HEADLESS", "1")
+    monkeypatch.setenv("COURSE_FIGURE_DIR", str(tmp_path))
+    monitor = Monitor(live=True, live_every=2, live_figure="view", peak_flops=1e12)
+    _run(monitor, steps=12, log_every=2)
+    assert monitor.live_view.redraws == 0 and monitor.live_view.frames == []
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["view.png"]
+
+
 def test_a_monitor_reused_for_a_second_run_appends(tmp_path):
     path = tmp_path / "run.jsonl"
     monitor = Monitor(path, peak_flops=1e12)

@@ -92,6 +92,7 @@ class Monitor:
         self.tensorboard_dir = tensorboard_dir
         self.live, self.live_every, self.live_figure = live, live_every, live_figure
         self.live_view = None  # the LiveDashboard once training starts with live=True
+        self.keep_live_frames = False  # set True to save each redraw as a figure file, also headless
         self.progress = progress
         self.flops_per_token, self.peak_flops, self.peak_source = flops_per_token, peak_flops, None
         if peak_flops is not None:
@@ -256,7 +257,8 @@ class Monitor:
             self._bar = tqdm(total=state.config.steps, initial=state.step - 1, desc="train", unit="step")
         if self.live:
             from .plot import LiveDashboard
-            self.live_view = LiveDashboard(every=self.live_every, figure_name=self.live_figure)
+            self.live_view = LiveDashboard(every=self.live_every, figure_name=self.live_figure,
+                                           keep_frames=self.keep_live_frames)
         self._window = None
         self._excluded = 0.0
         self._t0 = time.perf_counter()

@@ -77,14 +77,19 @@ def plot_run(jsonl_path: str | Path, *, title: str | None = None, save_as: str |
 class LiveDashboard:
     """Redraws the dashboard in a notebook every ``every`` logged steps (ipywidgets output
     area); when headless (papermill, CI) it draws nothing live and writes a static figure
-    at the end instead, since nobody is watching and ``plt.show()`` would do nothing."""
+    at the end instead, since nobody is watching and ``plt.show()`` would do nothing.
+    With ``keep_frames=True`` every redraw is also saved as ``<figure_name>_step<N>.png``
+    (listed in ``frames``), headless or not, so a run without a screen still shows what the
+    live view drew; ``redraws`` counts the redraw points either way."""
 
-    def __init__(self, *, every: int = 1, figure_name: str = "monitor_dashboard"):
+    def __init__(self, *, every: int = 1, figure_name: str = "monitor_dashboard", keep_frames: bool = False):
         if not isinstance(every, int) or every <= 0:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        self.every, self.figure_name = every, figure_name
+        self.every, self.figure_name, self.keep_frames = every, figure_name, keep_frames
         self.headless = is_headless()
         self.updates = 0
+        self.redraws = 0
+        self.frames: list[Path] = []
         self.saved: Path | None = None
         self._out = None
         if not self.headless:
@@ -95,15 +100,20 @@ class LiveDashboard:
 
     def update(self, records: list[dict], anomalies: list[dict]) -> None:
         self.updates += 1
-        if self.headless or self.updates % self.every:
+        if self.updates % self.every or (self.headless and not self.keep_frames):
             return
         import matplotlib.pyplot as plt
-        from IPython.display import clear_output, display
 
-        fig = plot_records(records, anomalies, title=f"Live: step {records[-1]['step']}")
-        with self._out:
-            clear_output(wait=True)
-            display(fig)
+        self.redraws += 1
+        step = records[-1]["step"]
+        fig = plot_records(records, anomalies, title=f"Live: step {step}")
+        if self.keep_frames:
+            self.frames.append(save_figure(fig, f"{self.figure_name}_step{step}"))
+        if not self.headless:
+            from IPython.display import clear_output, display
+            with self._out:
+                clear_output(wait=True)
+                display(fig)
         plt.close(fig)
 
     def final(self, records: list[dict], anomalies: list[dict]) -> Path:
