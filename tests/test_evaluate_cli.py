@@ -96,6 +96,9 @@ def test_cli_writes_the_contracts_json(full_char_run, tmp_path):
     assert r["bits_per_byte"] == pytest.approx(r["val_loss"] * r["val_tokens"] / (math.log(2) * r["val_bytes"]))
     lo, hi = r["mc_accuracy_ci95"]
     assert lo < r["mc_accuracy"] < hi and 0 <= lo and hi <= 1
+    assert r["mc_gain_over_unigram"] == pytest.approx(r["mc_accuracy"] - r["mc_unigram_accuracy"])
+    g_lo, g_hi = r["mc_gain_over_unigram_ci95"]
+    assert g_lo <= r["mc_gain_over_unigram"] <= g_hi
     assert np.isclose(r["mc_accuracy"] * n, round(r["mc_accuracy"] * n))
 
 

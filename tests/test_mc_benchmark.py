@@ -109,6 +109,13 @@ def test_the_rule_is_log_likelihood_per_byte_and_the_unigram_counts_are_smoothed
     lls = np.array([[-6.0, -10.0, -12.0, -13.0]])   # per byte: -2, -1.25, -2.4, -2.17; per token the first wins
     assert scoring.predictions(lls, [item]).tolist() == [1]
     assert scoring.accuracy(np.vstack([lls, lls]), [item, dataclasses.replace(item, label=0)]).mean == 0.5
+    # the gain over a baseline pairs the items: right/right, right/wrong, wrong/wrong, wrong/right -> 0, 1, 0, -1
+    lab = [dataclasses.replace(item, label=k) for k in (1, 1, 0, 0)]
+    model, base = np.vstack([lls, lls, lls, lls]), np.array([[-6.0, -10.0, -12.0, -13.0], [-1.0, -10.0, -12, -13],
+                                                             [-6.0, -10.0, -12.0, -13.0], [-1.0, -10.0, -12, -13]])
+    gain = scoring.accuracy_gain(model, base, lab)
+    assert gain.mean == 0.0 and gain.n == 4 and gain.spread > 0
+    assert scoring.correct(model, lab).tolist() == [1, 1, 0, 0] and scoring.correct(base, lab).tolist() == [1, 0, 0, 1]
     log_p = scoring.unigram_log_probs(np.array([0, 0, 1]), vocab_size=3)   # counts 3, 2, 1 after add-one
     assert np.allclose(np.exp(log_p), [3 / 6, 2 / 6, 1 / 6])
 

@@ -94,7 +94,17 @@ def predictions(loglikelihoods: np.ndarray, items: list[Item]) -> np.ndarray:
     return np.argmax(loglikelihoods / byte_lengths(items), axis=1)
 
 
+def correct(loglikelihoods: np.ndarray, items: list[Item]) -> np.ndarray:
+    """1.0 for each item whose true ending wins, else 0.0."""
+    return (predictions(loglikelihoods, items) == np.array([it.label for it in items])).astype(float)
+
+
 def accuracy(loglikelihoods: np.ndarray, items: list[Item], *, seed: int = 0) -> Estimate:
     """Share of items whose true ending wins, with the half-width of its 95 % bootstrap interval over items."""
-    correct = (predictions(loglikelihoods, items) == np.array([it.label for it in items])).astype(float)
-    return bootstrap_mean(correct, seed=seed, what="items")
+    return bootstrap_mean(correct(loglikelihoods, items), seed=seed, what="items")
+
+
+def accuracy_gain(loglikelihoods: np.ndarray, baseline: np.ndarray, items: list[Item], *, seed: int = 0) -> Estimate:
+    """Accuracy minus a baseline's on the same items, with a paired bootstrap interval (per-item
+    differences resampled together): the noise of a comparison, smaller than either interval's sum."""
+    return bootstrap_mean(correct(loglikelihoods, items) - correct(baseline, items), seed=seed, what="items")

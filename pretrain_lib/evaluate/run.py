@@ -65,11 +65,14 @@ def evaluate_run(run: LoadedRun | str | Path, *, max_windows: int | None = None,
     unigram = scoring.unigram_loglikelihoods(scoring.unigram_log_probs(train_ids, run.data.vocab_size),
                                              run.tokenizer, items)
     unigram_acc = scoring.accuracy(unigram, items, seed=seed)
+    gain = scoring.accuracy_gain(lls, unigram, items, seed=seed)
     result.update(mc_accuracy=model_acc.mean, mc_accuracy_ci95=[model_acc.mean - model_acc.spread,
                                                                 model_acc.mean + model_acc.spread],
                   mc_chance=scoring.CHANCE, mc_unigram_accuracy=unigram_acc.mean,
                   mc_unigram_accuracy_ci95=[unigram_acc.mean - unigram_acc.spread,
                                             unigram_acc.mean + unigram_acc.spread],
+                  mc_gain_over_unigram=gain.mean, mc_gain_over_unigram_ci95=[gain.mean - gain.spread,
+                                                                             gain.mean + gain.spread],
                   n_items=len(items), mc_items_file=Path(items_path).name, mc_held_out=held_out,
                   mc_normalisation="log-likelihood per UTF-8 byte of the ending (lm-eval's acc_bytes)")
     return result
@@ -96,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     summary = f"val loss {result['val_loss']:.4f} nats/token"
     if result["bits_per_byte"] is not None:
-        lo, hi = result["mc_accuracy_ci95"]
-        summary += (f", {result['bits_per_byte']:.4f} bits/byte; benchmark {result['mc_accuracy']:.3f} "
-                    f"[{lo:.3f}, {hi:.3f}] vs chance {result['mc_chance']:.2f} and unigram "
-                    f"{result['mc_unigram_accuracy']:.3f} ({result['n_items']} items)")
+        summary += f", {result['bits_per_byte']:.4f} bits/byte"
+    if result.get("mc_accuracy") is not None:
+        (lo, hi), (g_lo, g_hi) = result["mc_accuracy_ci95"], result["mc_gain_over_unigram_ci95"]
+        summary += (f"; benchmark {result['mc_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] vs chance {result['mc_chance']:.2f} "
+                    f"and unigram {result['mc_unigram_accuracy']:.3f} (gain {result['mc_gain_over_unigram']:+.3f} "
+                    f"[{g_lo:+.3f}, {g_hi:+.3f}], paired; {result['n_items']} items)")
     print(summary, file=sys.stderr)
     return 0
 
