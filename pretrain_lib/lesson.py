@@ -139,4 +139,5 @@ class Claims:
         print(f"this notebook ran in {time.perf_counter() - self.start:.0f} s")
         if self.skipped:
             print(f"skipped at these test sizes (they need the default budget): {', '.join(self.skipped)}")
-        print("all checks passed" + (f" ({len(self.passed)} named claims)" if self.passed else ""))
+        n = len(self.passed)
+        print("all checks passed" + (f" ({n} named claim{'' if n == 1 else 's'})" if n else ""))

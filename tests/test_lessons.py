@@ -62,7 +62,7 @@ def test_claims_pass_fail_and_skip_by_name(capsys):
     claims.finish()
     out = capsys.readouterr().out
     assert "skipped at these test sizes" in out and "needs_budget" in out
-    assert "all checks passed (1 named claims)" in out
+    assert "all checks passed (1 named claim)" in out
 
 
 def test_a_skip_that_names_no_claim_is_an_error():
