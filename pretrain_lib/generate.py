@@ -9,14 +9,15 @@ corrupt newer one is reported on standard error and skipped). Standard output ca
 prompt followed by its continuation and nothing else, so the command can be piped;
 ``--temperature 0`` is greedy decoding (the same text every time, whatever the seed).
 
-:func:`load_run` is the one way this package turns an ``out_dir`` into a model and its tokenizer;
-:mod:`pretrain_lib.evaluate` and :mod:`pretrain_lib.export` use it too.
+:func:`load_run` is the one way this package turns an ``out_dir`` into a model and its tokenizer
+(the run's own ``tokenizer.json``, so the data cache may be gone); :mod:`pretrain_lib.evaluate`
+and :mod:`pretrain_lib.export` use it too.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,8 +27,8 @@ from .capstone import checkpoint as ckpt
 from .capstone.config import ConfigError, RunConfig, config_from_dict
 from .capstone.data import PreparedData, prepare_data
 from .capstone.evaluate import fill_mask, gpt_sample
-from .capstone.trainer import build_model
-from .data.tokenizer import UNK
+from .capstone.trainer import RUN_TOKENIZER, build_model
+from .data.tokenizer import UNK, load_tokenizer, tokenizer_fingerprint
 
 
 class RunLoadError(ValueError):
@@ -39,21 +40,65 @@ class LoadedRun:
     model: torch.nn.Module          # in eval mode, on the CPU
     tokenizer: Tokenizer
     config: RunConfig
-    data: PreparedData              # the run's prepared shards (validation split, training counts)
     checkpoint: Path
     step: int
+    tokenizer_fingerprint: str      # the fingerprint the checkpoint was trained with
+    _data: PreparedData | None = field(default=None, repr=False)
 
     @property
     def is_gpt(self) -> bool:
         return self.config.model.kind == "gpt"
 
+    @property
+    def data(self) -> PreparedData:
+        """The run's prepared shards (validation split, training counts), read from the data cache, or
+        prepared again when it was deleted; its tokenizer must be the one the run was trained with."""
+        if self._data is None:
+            data = prepare_data(self.config.data, verbose=False)
+            if data.meta["tokenizer_fingerprint"] != self.tokenizer_fingerprint:
+                raise RunLoadError(f"the data that {self.checkpoint.name}'s config prepares now has another tokenizer "
+                                   f"(fingerprint {data.meta['tokenizer_fingerprint']}) than the run was trained with "
+                                   f"({self.tokenizer_fingerprint}): the corpus changed since training, so its "
+                                   "validation split is not the run's. Generating and exporting still work")
+            self._data = data
+        return self._data
+
+
+def run_tokenizer(folder: Path, state: dict, config: RunConfig) -> tuple[Tokenizer, str, PreparedData | None]:
+    """The tokenizer a run was trained with: ``out_dir/tokenizer.json`` when the trainer saved one
+    (checked against the fingerprint the checkpoint records), else the prepared data's (whose cache
+    is prepared again if it was deleted). Returns it, its fingerprint, and the data if it was read."""
+    path = folder / RUN_TOKENIZER
+    expected = state.get("tokenizer_fingerprint")
+    data = None
+    if not path.is_file() or expected is None:      # a run from before tokenizer.json, or without it
+        data = prepare_data(config.data, verbose=False)
+        expected = expected or data.meta["tokenizer_fingerprint"]
+    if not path.is_file():
+        tokenizer, found = data.tokenizer(), data.meta["tokenizer_fingerprint"]
+        where = f"the data cache ({data.tokenizer_path})"
+    else:
+        try:
+            tokenizer = load_tokenizer(path)
+        except Exception as exc:   # tokenizers raises its own exception types for a bad file
+            raise RunLoadError(f"{path} is not a tokenizer file ({str(exc).splitlines()[0]}); copy the run's own "
+                               "back, or delete it to use the data cache's") from None
+        found, where = tokenizer_fingerprint(tokenizer), str(path)
+    if found != expected:
+        raise RunLoadError(f"the tokenizer in {where} (fingerprint {found}) is not the one the checkpoint was trained "
+                           f"with ({expected}); the model's token ids would mean other text. Restore the run's own "
+                           f"{RUN_TOKENIZER}, or prepare the data exactly as the run's config did")
+    return tokenizer, found, data
+
 
 def load_run(out_dir: str | Path, *, log=None) -> LoadedRun:
     """The model of ``out_dir``'s newest good checkpoint, with the tokenizer it was trained with.
 
-    The tokenizer comes from the run's prepared data (``data.cache_dir``, keyed by the data
-    fingerprint); when that cache was deleted it is prepared again, which reproduces it
-    exactly from the same corpus. Raises :class:`RunLoadError` with one readable paragraph.
+    The tokenizer is the run folder's own ``tokenizer.json`` (the trainer writes it; its
+    fingerprint must be the checkpoint's), so a run folder alone is enough to generate and
+    export; the prepared data (``data.cache_dir``) is read only when asked for (``run.data``,
+    which evaluation needs) and prepared again if the cache was deleted. Raises
+    :class:`RunLoadError` with one readable paragraph.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     folder = Path(out_dir)
@@ -74,8 +119,9 @@ def load_run(out_dir: str | Path, *, log=None) -> LoadedRun:
     except (KeyError, ConfigError) as exc:
         raise RunLoadError(f"the run config saved in {path} does not validate here ({exc}); the checkpoint was "
                            "written by another version of the course or not by pretrain_lib.train") from exc
-    data = prepare_data(config.data, verbose=False)
-    model = build_model(config, data.vocab_size)
+    tokenizer, fingerprint, data = run_tokenizer(folder, state, config)
+    vocab_size = tokenizer.get_vocab_size()
+    model = build_model(config, vocab_size)
     if "sharded" in state:
         from .capstone.sharded import load_sharded_model
         load_sharded_model(state["sharded"], model)
@@ -84,10 +130,9 @@ def load_run(out_dir: str | Path, *, log=None) -> LoadedRun:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise RunLoadError(f"the weights in {path} do not fit the model its config describes (vocabulary "
-                               f"{data.vocab_size} from the prepared data); the data cache may have changed since "
-                               f"training: {str(exc).splitlines()[0]}") from exc
+                               f"{vocab_size} from the run's tokenizer): {str(exc).splitlines()[0]}") from exc
     model.eval()
-    return LoadedRun(model, data.tokenizer(), config, data, path, int(state["step"]))
+    return LoadedRun(model, tokenizer, config, path, int(state["step"]), fingerprint, data)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:

@@ -5,6 +5,7 @@ evaluate, export and benchmark tests share (one per name and pytest session).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -141,3 +142,38 @@ def test_bert_fills_masks_and_refuses_to_generate(tmp_path_factory):
     assert done.returncode == 2 and "--fill-mask" in done.stderr and "Traceback" not in done.stderr
     with pytest.raises(RunLoadError, match="is a BERT"):
         generate(bert, "to be")
+
+
+def test_a_run_folder_is_self_contained_with_its_tokenizer_and_a_foreign_one_is_refused(tmp_path):
+    """The trainer copies its tokenizer into out_dir; with the data cache deleted, generate (and export)
+    still work from the folder alone, without preparing the data again; a tokenizer.json that is not
+    the checkpoint's (another vocabulary, or not a tokenizer) is refused in one paragraph."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["--config", "configs/gpt-bpe-small.toml", "--set", f"out_dir=\"{out}\"", "--set",
+            f"data.cache_dir=\"{cache}\""]
+    for item in (*SMALL, "model.seq_len=64", "train.steps=10", "data.max_docs=2", "data.vocab_size=400"):
+        args += ["--set", item]
+    assert cli("pretrain_lib.train", *args).returncode == 0
+    (prepared,) = [p for p in cache.iterdir() if (p / "meta.json").is_file()]
+    assert (out / "tokenizer.json").read_bytes() == (prepared / "tokenizer.json").read_bytes()
+    greedy = ["--checkpoint", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--temperature", "0"]
+    before = cli("pretrain_lib.generate", *greedy)
+    assert before.returncode == 0 and before.stdout.startswith("ROMEO:")
+    shutil.rmtree(cache)
+    after = cli("pretrain_lib.generate", *greedy)
+    assert after.returncode == 0 and after.stdout == before.stdout
+    assert not cache.exists(), "loading the run prepared the data again instead of reading out_dir/tokenizer.json"
+    if all(importlib.util.find_spec(m) for m in ("transformers", "safetensors")):
+        exported = cli("pretrain_lib.export", "--checkpoint", str(out), "--format", "hf", "--out", str(tmp_path / "hf"))
+        assert exported.returncode == 0, exported.stderr
+        assert not cache.exists()
+
+    from pretrain_lib.capstone.data import train_char_tokenizer
+    train_char_tokenizer(["ROMEO: a play"]).save(str(out / "tokenizer.json"))
+    for broken, expected in ((None, "is not the one the checkpoint was trained with"),
+                             (b"{not json", "is not a tokenizer file")):
+        if broken is not None:
+            (out / "tokenizer.json").write_bytes(broken)
+        done = cli("pretrain_lib.generate", *greedy)
+        assert done.returncode == 2 and expected in done.stderr and done.stdout == ""
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

@@ -535,3 +535,30 @@ def test_the_engine_does_not_import_the_trainer_above_it():
                             text=True, timeout=120)
     assert helped.returncode == 0 and "exit codes: 0 done; 2 bad input" in helped.stdout and "75 preempted" in \
         helped.stdout and "130" in helped.stdout
+
+
+def test_validation_bits_per_byte_is_logged_and_equals_the_evaluators_on_the_same_windows(tmp_path, cache_dir):
+    """metrics.jsonl carries val_bits_per_byte beside val_loss; at the last step it equals what
+    ``pretrain_lib.evaluate`` computes for the saved checkpoint on the same windows (the first
+    eval_batches x batch_size = 8), and the formula worked out from the char tokenizer's bytes."""
+    import math
+
+    from pretrain_lib.evaluate.run import evaluate_run, validation_windows
+    from pretrain_lib.generate import load_run
+
+    out = tmp_path / "run"
+    result = run(config_from_dict(tiny(out, cache_dir, steps=16)), verbose=False)
+    evals = [ln for ln in read_metrics(out) if "val_loss" in ln]
+    assert [ln["step"] for ln in evals] == [8, 16] and len(result.val_bits_per_byte) == 2
+    assert [ln["val_bits_per_byte"] for ln in evals] == pytest.approx(result.val_bits_per_byte, rel=1e-12)
+    loaded = load_run(out, log=lambda m: None)
+    assert loaded.step == 16
+    evaluated = evaluate_run(loaded, max_windows=8, log=lambda m: None)
+    assert evaluated["val_windows"] == 8
+    assert evals[-1]["val_loss"] == pytest.approx(evaluated["val_loss"], rel=1e-5)
+    assert evals[-1]["val_bits_per_byte"] == pytest.approx(evaluated["bits_per_byte"], rel=1e-5)
+    # by hand: a char token is its character's UTF-8 bytes, the special tokens none
+    targets = validation_windows(loaded, 8)[:, 1:]
+    text_bytes = sum(len(loaded.tokenizer.decode([t]).encode("utf-8")) for t in targets.flatten().tolist())
+    assert evals[-1]["val_bits_per_byte"] == pytest.approx(
+        evals[-1]["val_loss"] * targets.numel() / (math.log(2) * text_bytes), rel=1e-12)

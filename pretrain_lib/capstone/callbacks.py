@@ -2,7 +2,9 @@
 
 The engine (``pretrain_lib.train.train``) runs the validation loss through its ``eval_fn``
 every ``eval_every`` steps and at the last step, then calls ``on_eval``; :class:`Evaluator`
-adds perplexity and a GPT sample or a BERT fill-mask there. :class:`Checkpointer` writes in
+adds perplexity, a GPT's bits per byte (``val_bits_per_byte``, :mod:`pretrain_lib.evaluate`'s
+measure on the same fixed validation windows, so a char run and a BPE run compare on one axis in
+``metrics.jsonl``) and a GPT sample or a BERT fill-mask there. :class:`Checkpointer` writes in
 ``on_step``: every ``checkpoint.every`` steps, at the last step, and at the first logged step
 after a preemption signal (:mod:`.preemption`).
 """
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from ..evaluate.metrics import bits_per_byte, token_byte_lengths
+from ..monitor import Monitor
 from ..train import clm_objective
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -23,9 +27,28 @@ from .resume import rng_state
 from .sharded import save_sharded
 
 
-def validation_fn(config: RunConfig, data: PreparedData):
+class ValidationSet:
+    """The fixed validation batches every evaluation reads, and for a GPT the UTF-8 bytes their
+    target tokens decode to (the denominator of bits per byte, counted once)."""
+
+    def __init__(self, config: RunConfig, data: PreparedData):
+        self.batches = validation_batches(data, config)
+        self.target_tokens = sum(b["input_ids"][:, 1:].numel() for b in self.batches)
+        self.target_bytes = None
+        if config.model.kind == "gpt":
+            lengths = token_byte_lengths(data.tokenizer())
+            self.target_bytes = int(sum(lengths[b["input_ids"][:, 1:].numpy()].sum() for b in self.batches))
+
+    def bits_per_byte(self, val_loss: float) -> float | None:
+        """The token-weighted mean loss back to summed nats, per byte of text (None for an MLM)."""
+        if self.target_bytes is None:
+            return None
+        return bits_per_byte(val_loss * self.target_tokens, self.target_bytes)
+
+
+def validation_fn(config: RunConfig, data: PreparedData, validation: ValidationSet | None = None):
     """The engine's ``eval_fn``: the token-weighted validation loss on the same fixed batches every time."""
-    batches = validation_batches(data, config)
+    batches = (validation or ValidationSet(config, data)).batches
     tokenizer = data.tokenizer()
 
     def evaluate(model) -> float:
@@ -38,11 +61,15 @@ def validation_fn(config: RunConfig, data: PreparedData):
 
 
 class Evaluator:
-    """After each evaluation: perplexity, a GPT sample or a BERT fill-mask, one log line, and the result lists."""
+    """After each evaluation: perplexity, bits per byte (GPT), a GPT sample or a BERT fill-mask, one
+    log line, and the result lists. Runs before the monitor's ``on_eval``, which records the
+    ``val_*`` figures it puts in ``state.metrics``."""
 
-    def __init__(self, config: RunConfig, data: PreparedData, result, log=print):
+    def __init__(self, config: RunConfig, data: PreparedData, result, log=print,
+                 validation: ValidationSet | None = None):
         self.config, self.result, self.log = config, result, log
         self.tokenizer = data.tokenizer()
+        self.validation = validation or ValidationSet(config, data)
 
     def on_eval(self, state) -> None:
         loss = state.metrics["val_loss"]
@@ -50,6 +77,11 @@ class Evaluator:
         self.result.val_losses.append(loss)
         state.metrics["val_perplexity"] = perplexity(loss)
         line = f"step {state.step}: val loss {loss:.4f}, perplexity {perplexity(loss):.2f}"
+        bpb = self.validation.bits_per_byte(loss)
+        if bpb is not None:
+            state.metrics["val_bits_per_byte"] = bpb
+            self.result.val_bits_per_byte.append(bpb)
+            line += f", {bpb:.4f} bits/byte"
         model = getattr(state.model, "module", state.model)
         if self.config.model.kind == "gpt" and self.config.train.sample_tokens:
             sample = gpt_sample(model, self.tokenizer, max_new_tokens=self.config.train.sample_tokens,
@@ -62,14 +94,43 @@ class Evaluator:
         self.log(line)
 
 
+class RunMonitor(Monitor):
+    """The :class:`Monitor`, with the evaluation's further figures (``EVAL_EXTRAS``, put in
+    ``state.metrics`` by :class:`Evaluator`) written on the same ``metrics.jsonl`` line as
+    ``val_loss``. The base class records ``val_loss`` alone; when it records every ``val_*`` key
+    itself, this subclass can go."""
+
+    EVAL_EXTRAS = ("val_bits_per_byte",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._eval_extras: dict = {}
+
+    def on_eval(self, state) -> None:
+        self._eval_extras = {k: state.metrics[k] for k in self.EVAL_EXTRAS if state.metrics.get(k) is not None}
+        try:
+            super().on_eval(state)
+        finally:
+            self._eval_extras = {}
+
+    def _emit(self, record: dict) -> None:
+        extras = self._eval_extras if "val_loss" in record else {}   # the evaluation's line, written inside on_eval
+        super()._emit({**record, **extras})
+        if self._writer is not None:
+            for key, value in extras.items():
+                self._writer.add_scalar(f"train/{key}", value, record["step"])
+
+
 class Checkpointer:
     """Every ``checkpoint.every`` steps, at the last step, and after a preemption signal: an atomic checkpoint."""
 
     def __init__(self, config: RunConfig, out_dir: Path, loader, monitor, mlm_generator, result, dist_info, *,
-                 data_fingerprint: str, stops: StopRequests | None = None, log=print):
+                 data_fingerprint: str, tokenizer_fingerprint: str | None = None,
+                 stops: StopRequests | None = None, log=print):
         self.config, self.out_dir, self.loader, self.monitor = config, out_dir, loader, monitor
         self.mlm_generator, self.result, self.dist = mlm_generator, result, dist_info
         self.data_fingerprint, self.stops, self.log = data_fingerprint, stops, log
+        self.tokenizer_fingerprint = tokenizer_fingerprint   # load_run checks out_dir's tokenizer.json against it
         self.writer = ckpt.BackgroundWriter()
         self.step_reached = 0                       # the last step trained (for Ctrl-C's message)
         self.last_saved: int | None = None           # the last step whose checkpoint was handed to the writer
@@ -88,7 +149,7 @@ class Checkpointer:
                    "mlm_generator": None if self.mlm_generator is None else self.mlm_generator.get_state(),
                    "monitor": self.monitor.state_dict() if hasattr(self.monitor, "state_dict") else None,
                    "config": self.config.to_dict(), "world_size": self.dist.world_size,
-                   "data_fingerprint": self.data_fingerprint}
+                   "data_fingerprint": self.data_fingerprint, "tokenizer_fingerprint": self.tokenizer_fingerprint}
         if weights:  # every rank holds the same replicated state under DDP
             payload["model"] = getattr(state.model, "module", state.model).state_dict()
             payload["optimizer"] = state.optimizer.state_dict()

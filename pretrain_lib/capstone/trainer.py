@@ -6,7 +6,9 @@
 ``run`` is a list of named steps: choose the threads, prepare the data (cached), build the
 model, claim ``out_dir`` (fresh start or resume, refusing what would lose work), restore a
 checkpoint, build the optimiser and the monitor, and train through the engine's ``train()``
-from the checkpoint's step. Evaluation is the engine's ``eval_fn`` with :class:`Evaluator`
+from the checkpoint's step. The run's tokenizer is copied into ``out_dir`` (``tokenizer.json``,
+the ``tokenizers`` format for the char tokenizer too) and each checkpoint records its
+fingerprint, so generating from or exporting a run needs only its folder, not the data cache. Evaluation is the engine's ``eval_fn`` with :class:`Evaluator`
 on its ``on_eval`` hook; checkpoints and preemption are :class:`Checkpointer`'s ``on_step``.
 Nothing here steps an optimiser. The command line is :mod:`.cli`.
 """
@@ -23,12 +25,11 @@ import torch.distributed as dist
 
 from ..data.tokenizer import special_token_ids
 from ..model import GPT, MaskedLM, ModelConfig
-from ..monitor import Monitor
 from ..optim import build_optimizer, cosine_lr, wsd_lr
 from ..train import TrainConfig, clm_objective, mlm_objective, train
 from ..utils import is_headless, resolve_device, seed_everything
 from . import checkpoint as ckpt
-from .callbacks import Checkpointer, Evaluator, validation_fn
+from .callbacks import Checkpointer, Evaluator, RunMonitor, ValidationSet, validation_fn
 from .config import RunConfig, config_from_dict, load_config, schedule_warnings
 from .data import PreparedData, prepare_data, resolve_path, train_loader
 from .parallel import DistInfo, init_distributed, load_full_state_dicts, wrap_model
@@ -38,7 +39,9 @@ from .resume import (EndlessBatches, ResumePoint, check_resumable, claim_out_dir
 from .sharded import load_sharded
 from .threads import set_training_threads
 
-__all__ = ["RunResult", "run", "build_model", "lr_schedule", "checkpoint_bytes", "truncate_metrics", "Checkpointer",
+RUN_TOKENIZER = "tokenizer.json"    # the run's tokenizer, inside out_dir
+
+__all__ = ["RunResult", "run", "build_model", "RUN_TOKENIZER", "save_run_tokenizer", "lr_schedule", "checkpoint_bytes", "truncate_metrics", "Checkpointer",
            "Evaluator", "EndlessBatches", "rng_state", "set_rng_state"]
 
 
@@ -51,6 +54,7 @@ class RunResult:
     losses: list[float]                 # training loss per step trained in this call
     eval_steps: list[int] = field(default_factory=list)
     val_losses: list[float] = field(default_factory=list)
+    val_bits_per_byte: list[float] = field(default_factory=list)   # GPT: at each evaluation, tokenizer-free
     samples: list[str] = field(default_factory=list)
     seconds: float = 0.0
     tokens_per_second: float = 0.0
@@ -85,6 +89,13 @@ def lr_schedule(config: RunConfig):
     stable = max(0, t.steps - t.warmup_steps - decay)
     return lambda step: wsd_lr(step, max_lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                                stable_steps=stable, decay_steps=decay)
+
+
+def save_run_tokenizer(out_dir: Path, data: PreparedData) -> Path:
+    """Copy the prepared data's tokenizer into ``out_dir`` (atomically), so the run folder is self-contained."""
+    path = Path(out_dir) / RUN_TOKENIZER
+    ckpt.atomic_write_bytes(path, Path(data.tokenizer_path).read_bytes())
+    return path
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -140,6 +151,8 @@ def _run(config: RunConfig, info: DistInfo, log, stops: StopRequests, *, resume,
     data = _prepare_data(config, info, verbose)
     model = build_model(config, data.vocab_size)
     point = _claim_out_dir(out_dir, config, info, model, resume=resume, overwrite=overwrite, log=log)
+    if info.rank == 0:
+        save_run_tokenizer(out_dir, data)
     result = RunResult(out_dir=out_dir, config=config, start_step=0, steps=0, losses=[], data=data, threads=threads)
     loader = train_loader(data, config, rank=info.rank, world_size=info.world_size)
     objective, mlm_generator = _objective(config, data)
@@ -158,12 +171,15 @@ def _run(config: RunConfig, info: DistInfo, log, stops: StopRequests, *, resume,
         return result
     monitor = _monitor(config, out_dir, info, progress, point)
     checkpointer = Checkpointer(config, out_dir, loader, monitor, mlm_generator, result, info,
-                                data_fingerprint=data.fingerprint, stops=stops, log=log)
-    callbacks = [Evaluator(config, data, result, log=log), monitor, checkpointer]   # on_eval: perplexity, then the log
+                                data_fingerprint=data.fingerprint,
+                                tokenizer_fingerprint=data.meta["tokenizer_fingerprint"], stops=stops, log=log)
+    validation = ValidationSet(config, data)
+    # on_eval: perplexity and bits per byte, then the log line that records them
+    callbacks = [Evaluator(config, data, result, log=log, validation=validation), monitor, checkpointer]
     batches = EndlessBatches(loader, None if point is None else point.state["rng"][info.rank])
     try:
         history = train(model, batches, objective, _engine_config(config, device), callbacks=callbacks,
-                        optimizer=optimizer, eval_fn=validation_fn(config, data), progress=False,
+                        optimizer=optimizer, eval_fn=validation_fn(config, data, validation), progress=False,
                         desc=Path(config.out_dir).name, dp_group=True if info.world_size > 1 else None,
                         start_step=result.start_step, tokens_offset=0 if point is None else point.tokens_seen)
     except KeyboardInterrupt:
@@ -267,11 +283,11 @@ def _optimizer(config: RunConfig, model, point: ResumePoint | None) -> torch.opt
 
 
 def _monitor(config: RunConfig, out_dir: Path, info: DistInfo, progress: bool | None,
-             point: ResumePoint | None) -> Monitor:
+             point: ResumePoint | None) -> RunMonitor:
     t = config.train
     show = (not is_headless() and sys.stderr.isatty()) if t.progress == "auto" else t.progress == "on"
     show = (show if progress is None else progress) and info.rank == 0
-    monitor = Monitor(out_dir / "metrics.jsonl" if info.rank == 0 else None, log_every=t.log_every, progress=show,
+    monitor = RunMonitor(out_dir / "metrics.jsonl" if info.rank == 0 else None, log_every=t.log_every, progress=show,
                       tensorboard_dir=out_dir / "tensorboard" if t.tensorboard and info.rank == 0
                       and _has_tensorboard() else None, seq_len=config.model.seq_len + 1, warmup_steps=t.warmup_steps)
     if point is not None and point.state.get("monitor") is not None:
