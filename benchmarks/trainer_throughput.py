@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from pretrain_lib.capstone.config import load_config
 from pretrain_lib.capstone.data import prepare_data, train_loader
-from pretrain_lib.capstone.trainer import EndlessBatches, build_model, lr_schedule
+from pretrain_lib.capstone.trainer import EndlessBatches, run_model, lr_schedule
 from pretrain_lib.data.loader import random_batch
 from pretrain_lib.data.shards import read_all_tokens
 from pretrain_lib.optim import build_optimizer
@@ -59,7 +59,7 @@ def trainer_seconds(config_path: Path, steps: int, checkpoint_every: int, out_di
 
 
 def engine_seconds(config, data, steps: int) -> float:
-    model = build_model(config, data.vocab_size)
+    model = run_model(config, data.vocab_size)
     t = config.train
     loader = train_loader(data, config)
     schedule = lr_schedule(config)
@@ -73,7 +73,7 @@ def engine_seconds(config, data, steps: int) -> float:
 def nanogpt_loop_seconds(config, data, steps: int) -> float:
     """nanoGPT's iteration, by hand (the baseline being measured; not how the course trains)."""
     torch.manual_seed(config.seed)
-    model = build_model(config, data.vocab_size)
+    model = run_model(config, data.vocab_size)
     t = config.train
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2))
     tokens = read_all_tokens(data.train_index).astype("uint16")

@@ -27,7 +27,7 @@ from .capstone import checkpoint as ckpt
 from .capstone.config import ConfigError, RunConfig, config_from_dict
 from .capstone.data import PreparedData, prepare_data
 from .capstone.evaluate import fill_mask, gpt_sample
-from .capstone.trainer import RUN_TOKENIZER, build_model
+from .capstone.trainer import RUN_TOKENIZER, run_model
 from .data.tokenizer import UNK, load_tokenizer, tokenizer_fingerprint
 
 
@@ -121,7 +121,7 @@ def load_run(out_dir: str | Path, *, log=None) -> LoadedRun:
                            "written by another version of the course or not by pretrain_lib.train") from exc
     tokenizer, fingerprint, data = run_tokenizer(folder, state, config)
     vocab_size = tokenizer.get_vocab_size()
-    model = build_model(config, vocab_size)
+    model = run_model(config, vocab_size)
     if "sharded" in state:
         from .capstone.sharded import load_sharded_model
         load_sharded_model(state["sharded"], model)

@@ -292,3 +292,10 @@ class MaskedLM(_LanguageModel):
         h = self.backbone(input_ids, attention_mask)
         h = self.head_ln(F.gelu(self.head_dense(h)))
         return h @ self.backbone.tok_emb.weight.T + self.head_bias
+
+
+def seeded_model(config: ModelConfig, seed: int) -> GPT | MaskedLM:
+    """The course model for ``config`` (a GPT when ``config.causal``, else a MaskedLM), initialised from
+    ``seed``: two calls with one config and one seed give identical weights, in any process."""
+    torch.manual_seed(seed)
+    return GPT(config) if config.causal else MaskedLM(config)

@@ -18,7 +18,7 @@ import torch
 from pretrain_lib.capstone.checkpoint import decode_checkpoint
 from pretrain_lib.capstone.config import config_from_dict
 from pretrain_lib.capstone.data import prepare_data
-from pretrain_lib.capstone.trainer import build_model
+from pretrain_lib.capstone.trainer import run_model
 from pretrain_lib.generate import RunLoadError, generate, load_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def reference_greedy(out_dir: Path, prompt: str, n: int) -> str:
     state = decode_checkpoint(latest.read_bytes())
     config = config_from_dict(state["config"])
     tok = prepare_data(config.data, verbose=False).tokenizer()
-    model = build_model(config, tok.get_vocab_size())
+    model = run_model(config, tok.get_vocab_size())
     model.load_state_dict(state["model"])
     model.eval()
     ids = tok.encode(prompt, add_special_tokens=False).ids

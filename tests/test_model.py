@@ -104,3 +104,18 @@ def test_initial_loss_is_about_log_vocab():
     # (its embedding is still in the residual stream), so compare on the shifted targets.
     loss = clm_loss(m(x), x)
     assert abs(loss.item() - torch.log(torch.tensor(512.0)).item()) < 0.1
+
+
+
+def test_seeded_model_is_a_function_of_config_and_seed():
+    from pretrain_lib.model import seeded_model
+    config = ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, max_seq_len=8)
+    first = seeded_model(config, seed=3)
+    torch.rand(1000)  # other draws between the calls must not change the weights
+    again, other = seeded_model(config, seed=3), seeded_model(config, seed=4)
+    for name, weight in first.state_dict().items():
+        assert torch.equal(weight, again.state_dict()[name]), name
+    embedding = "backbone.tok_emb.weight"
+    assert not torch.equal(first.state_dict()[embedding], other.state_dict()[embedding])
+    masked = seeded_model(ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, max_seq_len=8, causal=False), 0)
+    assert isinstance(masked, MaskedLM) and isinstance(first, GPT)

@@ -303,7 +303,7 @@ def test_ddp_on_two_ranks_resumes_and_equals_one_process(tmp_path, cache_dir):
 @pytest.mark.xdist_group("torchrun")
 def test_fsdp_writes_sharded_checkpoints_and_resumes_bit_identically(tmp_path, cache_dir, capsys):
     from pretrain_lib.capstone import sharded
-    from pretrain_lib.capstone.trainer import build_model
+    from pretrain_lib.capstone.trainer import run_model
 
     base = tiny(tmp_path / "single", cache_dir, steps=12, decay_steps=12)   # the cut run's LRs are the whole run's
     base["model"]["dropout"] = 0.0
@@ -326,7 +326,7 @@ def test_fsdp_writes_sharded_checkpoints_and_resumes_bit_identically(tmp_path, c
     cfg = single.config
     one = single.model.state_dict()
     for folder in (final, tmp_path / "cut" / "ckpt_00000012.dcp"):
-        weights = sharded.load_sharded_model(folder, build_model(cfg, single.data.vocab_size)).state_dict()
+        weights = sharded.load_sharded_model(folder, run_model(cfg, single.data.vocab_size)).state_dict()
         assert max((weights[k] - one[k]).abs().max().item() for k in one) <= 1e-5, "2 sharded ranks = one process"
 
     with (final / "__1_0.distcp").open("r+b") as f:   # rank 1's shard damaged: fall back to step 8

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..data.tokenizer import special_token_ids
-from ..model import GPT, MaskedLM, ModelConfig
+from ..model import ModelConfig, seeded_model
 from ..optim import build_optimizer, cosine_lr, wsd_lr
 from ..train import TrainConfig, clm_objective, mlm_objective, train
 from ..utils import is_headless, resolve_device, seed_everything
@@ -41,7 +41,7 @@ from .threads import set_training_threads
 
 RUN_TOKENIZER = "tokenizer.json"    # the run's tokenizer, inside out_dir
 
-__all__ = ["RunResult", "run", "build_model", "RUN_TOKENIZER", "save_run_tokenizer", "lr_schedule", "checkpoint_bytes", "truncate_metrics", "Checkpointer",
+__all__ = ["RunResult", "run", "run_model", "RUN_TOKENIZER", "save_run_tokenizer", "lr_schedule", "checkpoint_bytes", "truncate_metrics", "Checkpointer",
            "Evaluator", "EndlessBatches", "rng_state", "set_rng_state"]
 
 
@@ -69,12 +69,13 @@ class RunResult:
 
 # ----------------------------------------------------------------------------- building blocks
 
-def build_model(config: RunConfig, vocab_size: int) -> torch.nn.Module:
+def run_model(config: RunConfig, vocab_size: int) -> torch.nn.Module:
+    """The run's model (GPT or MaskedLM, from ``config.model``), initialised from ``config.seed``."""
     m = config.model
     mc = ModelConfig(vocab_size=vocab_size, d_model=m.d_model, n_heads=m.n_heads, n_layers=m.n_layers,
                      d_ff=m.d_ff or None, max_seq_len=m.seq_len + 1,  # a window is seq_len inputs + 1 target
                      dropout=m.dropout, causal=m.kind == "gpt", position=m.position)
-    return GPT(mc) if m.kind == "gpt" else MaskedLM(mc)
+    return seeded_model(mc, config.seed)
 
 
 def lr_schedule(config: RunConfig):
@@ -149,7 +150,7 @@ def _run(config: RunConfig, info: DistInfo, log, stops: StopRequests, *, resume,
     out_dir = resolve_path(config.out_dir)
     seed_everything(config.seed)
     data = _prepare_data(config, info, verbose)
-    model = build_model(config, data.vocab_size)
+    model = run_model(config, data.vocab_size)
     point = _claim_out_dir(out_dir, config, info, model, resume=resume, overwrite=overwrite, log=log)
     if info.rank == 0:
         save_run_tokenizer(out_dir, data)

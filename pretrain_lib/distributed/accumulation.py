@@ -28,7 +28,7 @@ from .errors import run_main
 from .harness import StrategyRun
 from .metrics import StepTimer, params_of, read_losses, variant_record
 from .process_group import DistContext
-from .reference import build_model, global_batch, strategy_optimizer
+from .reference import strategy_model, global_batch, strategy_optimizer
 from .strategies import apply_ddp
 
 VARIANTS = ("no_sync", "sync_every_micro_step")
@@ -39,7 +39,7 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(VARIANTS)}")
     autocast = autocast_dtype(args, ctx.device)
-    model = build_model(args, ctx.device)
+    model = strategy_model(args, ctx.device)
     counter = ByteCounter()
     net = apply_ddp(model, ctx, comm_hook=(counter, counting_allreduce_hook))
     opt = strategy_optimizer(model, args)

@@ -31,7 +31,7 @@ from .errors import run_main
 from .harness import StrategyRun
 from .metrics import StepTimer, max_abs_diff, params_of, read_losses, tensor_bytes, variant_record
 from .process_group import DistContext
-from .reference import build_model, global_batch, reference_run, strategy_optimizer
+from .reference import strategy_model, global_batch, reference_run, strategy_optimizer
 from .strategies import apply_ddp
 
 
@@ -90,7 +90,7 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(VARIANTS)}")
     autocast = autocast_dtype(args, ctx.device)
-    model = build_model(args, ctx.device)
+    model = strategy_model(args, ctx.device)
     ddp_bytes, manual_bytes = ByteCounter(), ByteCounter()
     net: nn.Module = model if variant == "by_hand" else \
         apply_ddp(model, ctx, comm_hook=(ddp_bytes, counting_allreduce_hook))

@@ -23,14 +23,14 @@ from .errors import run_main
 from .metrics import write_metrics
 from .pipeline_schedules import gpipe_order
 from .process_group import setup, teardown
-from .reference import build_model, global_batch
+from .reference import strategy_model, global_batch
 
 
 def _check_average_gradients(fn, args, ctx) -> bool:
-    ref = build_model(args, ctx.device)
+    ref = strategy_model(args, ctx.device)
     ids = global_batch(0, args).to(ctx.device)
     clm_loss(ref(ids), ids).backward()
-    model = build_model(args, ctx.device)
+    model = strategy_model(args, ctx.device)
     mine = local_shard(ids, ctx.rank, ctx.world_size)
     clm_loss(model(mine), mine).backward()
     fn(model)

@@ -33,7 +33,7 @@ from .metrics import StepTimer
 from .pipeline_schedules import bubble_theory, gpipe_bubble, gpipe_order, replay_schedule
 from .pipeline_stages import ByHandSchedule, pipeline_stage
 from .process_group import DistContext
-from .reference import build_model, global_batch, strategy_optimizer
+from .reference import strategy_model, global_batch, strategy_optimizer
 
 
 def bubble_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -143,7 +143,7 @@ def bubble_sweep(args: argparse.Namespace, ctx: DistContext, micro_counts: list[
     autocast = autocast_dtype(bargs, ctx.device)
     runs = {}
     for m in micro_counts:
-        stage = pipeline_stage(build_model(bargs, ctx.device), ctx.rank, ctx.world_size)
+        stage = pipeline_stage(strategy_model(bargs, ctx.device), ctx.rank, ctx.world_size)
         runs[m] = (stage, strategy_optimizer(stage, bargs), ByHandSchedule(stage, ctx, gpipe_order, timed=True),
                    StepTimer(ctx.device))
     for r in range(rounds + 1):

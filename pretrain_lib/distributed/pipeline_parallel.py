@@ -29,7 +29,7 @@ from .pipeline_schedules import (bubble_fraction, bubble_theory, gpipe_bubble, g
                                  one_f_one_b_order, placement_crossings, simulate_schedule, stage_layers)
 from .pipeline_stages import (ByHandSchedule, TorchSchedule, bytes_over_ranks, gather_params, last_stage_losses,
                               pipeline_stage)
-from .reference import build_model, global_batch, strategy_optimizer
+from .reference import strategy_model, global_batch, strategy_optimizer
 
 
 STAGE_VARIANTS = ("naive", "by_hand", "by_hand_1f1b", "gpipe", "1f1b")
@@ -41,7 +41,7 @@ def train_variant(variant: str, args, ctx, n_micro: int, *, timed: bool = False)
     if variant not in STAGE_VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose among {', '.join(STAGE_VARIANTS)}, round_robin")
     autocast = autocast_dtype(args, ctx.device)
-    stage = pipeline_stage(build_model(args, ctx.device), ctx.rank, ctx.world_size)
+    stage = pipeline_stage(strategy_model(args, ctx.device), ctx.rank, ctx.world_size)
     opt = strategy_optimizer(stage, args)
     m = 1 if variant == "naive" else n_micro
     if variant in ("gpipe", "1f1b"):

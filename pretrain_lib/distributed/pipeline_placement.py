@@ -17,7 +17,7 @@ from .metrics import StepTimer, tensor_bytes, variant_record
 from .pipeline_stages import autocast_context, bytes_over_ranks, last_stage_losses, n_targets, summed_clm_loss
 from .pipeline_schedules import placement_crossings
 from .process_group import DistContext
-from .reference import build_model, global_batch, strategy_optimizer
+from .reference import strategy_model, global_batch, strategy_optimizer
 
 
 def _segments(placement: list[int]) -> list[tuple[int, list[int]]]:
@@ -114,7 +114,7 @@ def train_placement(args, ctx: DistContext, placement: list[int]) -> dict:
     """Train with :class:`PlacementPass`: each rank computes and updates only the blocks it holds
     (the optimiser skips parameters that received no gradient)."""
     autocast = autocast_dtype(args, ctx.device)
-    model = build_model(args, ctx.device)
+    model = strategy_model(args, ctx.device)
     opt = strategy_optimizer(model, args)
     runner = PlacementPass(model, placement, ctx)
     timer, losses = StepTimer(ctx.device), []

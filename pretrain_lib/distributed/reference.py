@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..data.synthetic import arithmetic_batch
-from ..model import GPT, ModelConfig
+from ..model import GPT, ModelConfig, seeded_model
 from ..optim import build_optimizer
 from ..train import clm_objective, train_step
 from .arguments import dtype_name
@@ -35,10 +35,9 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        max_seq_len=args.seq_len)
 
 
-def build_model(args: argparse.Namespace, device: torch.device | str = "cpu") -> GPT:
-    """The course's GPT, initialised from ``args.seed`` so every rank starts identical."""
-    torch.manual_seed(args.seed)
-    return GPT(model_config(args)).to(device)
+def strategy_model(args: argparse.Namespace, device: torch.device | str = "cpu") -> GPT:
+    """The chapter's GPT from its command-line ``args``, initialised from ``args.seed`` so every rank starts identical."""
+    return seeded_model(model_config(args), args.seed).to(device)
 
 
 def global_batch(step: int, args: argparse.Namespace) -> torch.Tensor:
@@ -58,7 +57,7 @@ def reference_run(args: argparse.Namespace, device: torch.device | str = "cpu", 
     ``n_rows`` keeps only the first rows of each step's batch ``(n_rows, seq_len)``: what one
     rank alone would train on (used to show what the "same data on every rank" mistake equals).
     """
-    model = build_model(args, device)
+    model = strategy_model(args, device)
     opt = strategy_optimizer(model, args)
     losses = []
     for step in range(args.steps):

@@ -21,7 +21,7 @@ from .errors import run_main
 from .harness import StrategyRun
 from .metrics import StepTimer, read_losses, tensor_bytes, variant_record
 from .process_group import DistContext
-from .reference import build_model, global_batch, strategy_optimizer
+from .reference import strategy_model, global_batch, strategy_optimizer
 from .tensor_parallel_layers import TensorParallelComm, apply_tensor_parallel, column_shard
 
 
@@ -70,7 +70,7 @@ def gather_full_params(model: GPT, variant: str, ctx: DistContext) -> dict[str, 
 
 def check_forward_backward(args, ctx: DistContext) -> dict[str, float]:
     """One block: output and input gradient of the by-hand split against the unsharded block."""
-    model = build_model(args, ctx.device)
+    model = strategy_model(args, ctx.device)
     block = model.backbone.blocks[0]
     g = torch.Generator().manual_seed(args.seed + 17)
     x = torch.randn(2, args.seq_len, args.d_model, generator=g).to(ctx.device)
@@ -95,7 +95,7 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
     if variant not in ("by_hand", "dtensor"):
         raise ValueError(f"unknown variant {variant!r}; choose by_hand or dtensor")
     autocast = autocast_dtype(args, ctx.device)
-    model = build_model(args, ctx.device)
+    model = strategy_model(args, ctx.device)
     comm = TensorParallelComm()
     apply_tensor_parallel(model, _tp_mesh(ctx), implementation=variant, comm=comm)
     opt = strategy_optimizer(model, args)

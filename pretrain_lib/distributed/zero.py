@@ -37,7 +37,7 @@ from .errors import run_main
 from .harness import StrategyRun
 from .metrics import StepTimer, params_of, read_losses, tensor_bytes, variant_record
 from .process_group import DistContext
-from .reference import ADAM_EPS, WEIGHT_DECAY, build_model, global_batch, strategy_optimizer
+from .reference import ADAM_EPS, WEIGHT_DECAY, strategy_model, global_batch, strategy_optimizer
 from .strategies import apply_ddp, apply_fsdp, apply_zero1, bf16_mixed_precision
 
 # torch >= 2.13 names these collectives *_single and deprecates the old names; use whichever exists
@@ -297,7 +297,7 @@ def train_variant(variant: str, args, ctx: DistContext) -> dict:
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
         baseline = torch.cuda.memory_allocated(ctx.device)
-    model = build_model(args, ctx.device)
+    model = strategy_model(args, ctx.device)
     sharded: FlatShardedModel | None = None
     forward_backward = None
     if variant == "zero1":

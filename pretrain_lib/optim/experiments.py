@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..model import GPT, ModelConfig
+from ..model import GPT, ModelConfig, seeded_model
 from ..objectives import clm_loss
 from ..train import clm_objective, train
 from .builder import build_optimizer
@@ -83,9 +83,8 @@ def validation_loss_fn(tokens: torch.Tensor, *, seq_len: int, n_windows: int = 3
 def course_gpt(vocab_size: int, *, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, seq_len: int = 64,
                seed: int = 0) -> GPT:
     """The course GPT, initialised from ``seed`` (two calls with one seed give identical weights)."""
-    torch.manual_seed(seed)
-    return GPT(ModelConfig(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, n_layers=n_layers,
-                           max_seq_len=seq_len))
+    return seeded_model(ModelConfig(vocab_size=vocab_size, d_model=d_model, n_heads=n_heads, n_layers=n_layers,
+                                    max_seq_len=seq_len), seed)
 
 
 def loss_spike(losses, window: int = 100) -> float:
