@@ -96,7 +96,7 @@ PROBES = {
     "dedup-code": {"answer": "exact_dedup", "run": _dedup_code, "judge": equal},
 }
 
-_INPUTS = {
+describe_inputs(PROBES, {
     "pack-small": "4 short lists of documents packed into blocks of 2-6 tokens",
     "pack-random-documents": "60 random documents packed into blocks of 16-80 tokens, then a document too short "
                              "for one block",
@@ -104,6 +104,4 @@ _INPUTS = {
     "split-matches-library": "3 random window counts on 2 ranks x 2 workers",
     "dedup-normalised": "random texts repeated with changed case, runs of spaces and tabs, and trailing newlines",
     "dedup-code": "random texts holding code (newlines and indentation matter)",
-}
-for _cid, _text in _INPUTS.items():
-    PROBES[_cid]["inputs"] = _text
+})

@@ -45,11 +45,9 @@ PROBES = {
     "gpipe-order-2-ranks": {"answer": "gpipe_micro_steps", "run": _on_ranks("gpipe_micro_steps"), "judge": equal},
 }
 
-_INPUTS = {
+describe_inputs(PROBES, {
     "gpipe-order-local": "3 random numbers of micro-batches on one process",
     "average-gradients-2-ranks": "a small random model's gradients on 2 ranks (each rank its half of a batch)",
     "column-parallel-2-ranks": "random x, weight and bias of drawn sizes on 2 ranks",
     "gpipe-order-2-ranks": "2 drawn numbers of micro-batches on 2 ranks",
-}
-for _cid, _text in _INPUTS.items():
-    PROBES[_cid]["inputs"] = _text
+})

@@ -59,11 +59,9 @@ PROBES = {
     "compute-optimal": {"answer": "my_compute_optimal", "run": _optimal, "judge": lambda s, r, seed: close(s, r, 1e-9)},
 }
 
-_INPUTS = {
+describe_inputs(PROBES, {
     "chinchilla-law": "20 random (N, D) pairs and random law parameters, then one pair as plain floats",
     "log-huber-objective": "4 random parameter points on random data, a point far off and a near-zero residual",
     "log-huber-fit": "4 parameter points near the fit, on the notebook's data",
     "compute-optimal": "6 random compute budgets (1e18-1e27 FLOPs) and random law parameters",
-}
-for _cid, _text in _INPUTS.items():
-    PROBES[_cid]["inputs"] = _text
+})

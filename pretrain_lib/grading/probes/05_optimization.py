@@ -55,13 +55,11 @@ PROBES = {
     "clip-grad-norm-missing": {"answer": "my_clip_grad_norm", "run": _clip_missing, "judge": equal},
 }
 
-_INPUTS = {
+describe_inputs(PROBES, {
     "cosine-lr-boundaries": "4 random schedules (warm-up 0-29 steps, some without decay), every other step",
     "cosine-lr-table": "4 random schedules (warm-up 0-29 steps, some without decay), every other step",
     "accumulation-clm": "a fresh padded CLM batch cut into 2-4 ragged micro-batches",
     "accumulation-mlm": "a fresh MLM batch cut into 2-4 ragged micro-batches",
     "clip-grad-norm": "fresh gradients (one parameter without a gradient) and a random max_norm",
     "clip-grad-norm-missing": "fresh gradients with one parameter without a gradient",
-}
-for _cid, _text in _INPUTS.items():
-    PROBES[_cid]["inputs"] = _text
+})

@@ -54,3 +54,9 @@ def equal(student, reference, seed=None):
 def rng(seed, salt):
     import numpy as np
     return np.random.default_rng([int(seed), int(salt)])
+
+
+def describe_inputs(probes, descriptions):
+    """Attach to each probe, by check id, the sentence that feedback shows for what inputs it draws."""
+    for check_id, text in descriptions.items():
+        probes[check_id]["inputs"] = text
