@@ -9,7 +9,7 @@ import torch
 
 from conftest import REPO
 from pretrain_lib.model import GPT, ModelConfig
-from pretrain_lib.monitor import (Monitor, RollingZScore, check_initial_loss, count_host_reads, datasheet_peak,
+from pretrain_lib.monitor import (AnomalyRules, Monitor, RollingZScore, check_initial_loss, count_host_reads, datasheet_peak,
                                   grad_norms, LayerIndex, layer_of, mfu, peak_flops, peak_flops_info, plot_run,
                                   read_jsonl, rolling_spikes)
 from pretrain_lib.monitor import peak as peak_module
@@ -33,11 +33,20 @@ def _batches(data, batch=4):
     return lambda i: {"input_ids": data[(i * batch) % rows:(i * batch) % rows + batch]}
 
 
-def _run(monitor, steps=20, log_every=5, model=None, objective=clm_objective, batches=None, **kw):
+def _run(monitor, steps=20, log_every=5, model=None, objective=clm_objective, batches=None, callbacks_before=(),
+         **kw):
     model = model if model is not None else _gpt()
     batches = batches if batches is not None else _batches(_data())
     return train(model, batches, objective, steps=steps, log_every=log_every, device="cpu", progress=False,
-                 callbacks=[monitor], **kw)
+                 callbacks=[*callbacks_before, monitor], **kw)
+
+
+def _has_tensorboard():
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- norms
@@ -104,6 +113,35 @@ def test_jsonl_lines_parse_and_carry_the_documented_keys(tmp_path):
     # MFU is model FLOPs per token × tokens/s ÷ peak, from the logged numbers themselves
     assert first["mfu"] == pytest.approx(first["flops_per_token"] * first["tokens_per_s"] / 1e12, rel=1e-9)
     assert read_jsonl(path) == lines
+
+
+def test_on_eval_records_every_val_key_the_evaluation_produced(tmp_path):
+    """A callback listed before the monitor adds ``val_foo`` (a float, then a one-element tensor):
+    the evaluation's line carries it beside ``val_loss``, in JSONL and TensorBoard; other lines do not."""
+    class AddFoo:
+        def on_eval(self, state):
+            value = 10.0 * state.step + 0.5
+            state.metrics["val_foo"] = value if state.step < 12 else torch.tensor(value)
+            state.metrics["not_val"] = 1.0
+
+    path = tmp_path / "run.jsonl"
+    monitor = Monitor(path, peak_flops=1e12, tensorboard_dir=tmp_path / "tb" if _has_tensorboard() else None)
+    _run(monitor, steps=12, log_every=4, eval_every=6, eval_fn=lambda m: 1.5, callbacks_before=[AddFoo()])
+    lines = read_jsonl(path)
+    assert [(r["step"], r.get("val_loss"), r.get("val_foo")) for r in lines] == [
+        (4, None, None), (6, 1.5, 60.5), (8, None, None), (12, 1.5, 120.5)]
+    assert all("not_val" not in r for r in lines)
+    # evaluation steps off the logging grid are logged too, with every val_* figure
+    off_grid = Monitor(peak_flops=1e12)
+    _run(off_grid, steps=8, log_every=4, eval_every=3, eval_fn=lambda m: 2.0, callbacks_before=[AddFoo()])
+    assert [(r["step"], r.get("val_loss"), r.get("val_foo")) for r in off_grid.records] == [
+        (3, 2.0, 30.5), (4, None, None), (6, 2.0, 60.5), (8, 2.0, 80.5)]  # the last step evaluates too
+    if _has_tensorboard():
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "tb"))
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("train/val_foo")] == [(6, 60.5), (12, 120.5)]
 
 
 def test_monitor_adds_at_most_one_host_read_per_logged_step():
@@ -176,7 +214,7 @@ def test_loss_spike_detected_at_its_step():
 
     # a falling loss curve widens a long window's band (128 steps from 3.7 to 0.5): a short window
     # compares the spike with the recent plateau, where it stands out by more than 20σ
-    monitor = Monitor(peak_flops=1e12, spike_window=16)
+    monitor = Monitor(peak_flops=1e12, rules=AnomalyRules(spike_window=16))
     _run(monitor, steps=60, log_every=20, batches=next_batch, lr=3e-3)
     assert bad_step in {a["step"] for a in monitor.anomalies if a["kind"] == "loss_spike"}
     assert all(a["step"] == bad_step for a in monitor.anomalies)
@@ -234,7 +272,7 @@ def test_monitor_early_rule_flags_a_gradient_blow_up_in_the_first_steps():
             return grad * 50.0 if calls["n"] == bad_step else grad
 
         model.backbone.blocks[0].mlp.up.weight.register_hook(blow_up)
-        monitor = Monitor(peak_flops=1e12, **kw)
+        monitor = Monitor(peak_flops=1e12, rules=AnomalyRules(**kw))
         _run(monitor, steps=10, log_every=5, model=model)
         return monitor
 
@@ -242,6 +280,59 @@ def test_monitor_early_rule_flags_a_gradient_blow_up_in_the_first_steps():
     assert [(a["step"], a["rule"]) for a in found] == [(bad_step, "early")] and found[0]["ratio"] > 4.0
     assert run(spike_early_ratio=None).anomalies == []  # the band alone is blind for its first 16 values
 
+
+def test_anomaly_rules_validate_and_old_rule_keywords_say_what_to_write():
+    assert AnomalyRules() == AnomalyRules(spike_k=6.0, spike_window=128, spike_min_history=16, spike_early_ratio=4.0,
+                                          spike_early_history=3, explode_factor=3.0, vanish_ratio=1e-4, warmup_steps=1)
+    with pytest.raises(Exception, match="frozen|cannot assign"):
+        AnomalyRules().spike_k = 1.0
+    for bad, field in ((dict(spike_k=0.0), "spike_k"), (dict(spike_window=1), "spike_window"),
+                       (dict(spike_min_history=200), "spike_min_history"), (dict(spike_early_ratio=0.5), "spike_early_ratio"),
+                       (dict(spike_early_history=20), "spike_early_history"), (dict(explode_factor=0.0), "explode_factor"),
+                       (dict(vanish_ratio=1.0), "vanish_ratio"), (dict(warmup_steps=-1), "warmup_steps")):
+        with pytest.raises(ValueError, match=field):
+            AnomalyRules(**bad)
+    for old in AnomalyRules.names():
+        value = getattr(AnomalyRules(), old)
+        with pytest.raises(TypeError, match=rf"rules=AnomalyRules\({old}={value!r}\)"):
+            Monitor(**{old: value})
+    with pytest.raises(TypeError, match=r"rules=AnomalyRules\(spike_k=4.0, warmup_steps=10\)"):
+        Monitor("run.jsonl", spike_k=4.0, warmup_steps=10, peak_flops=1e12)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'spikes'"):
+        Monitor(spikes=4.0)
+    with pytest.raises(TypeError, match="AnomalyRules"):
+        Monitor(rules={"spike_k": 4.0})
+
+
+def test_the_rules_reach_every_detector():
+    """The learning rate is 0 throughout, so the weights never move and each step's loss and gradients
+    are those of one batch times a factor planted by hand: a ±1 % wobble (σ = 0.82 % of the mean), then
+    1.5 × at one step, 61σ above the band's mean and under the early rule's 4 × the median. k=4
+    flags it on the loss, the global and every layer's norm; k=1000 flags nothing; an explode_factor of
+    1.2 (not 3) calls the layers exploding; warmup_steps decides from which step an LR of 0 is dead."""
+    bad_step, steps = 30, 34
+
+    def objective(m, batch):
+        loss, n = clm_objective(m, batch)
+        return loss * batch["scale"], n
+
+    def batches(i):
+        return {"input_ids": _data()[:4], "scale": torch.tensor(1.5 if i == bad_step - 1 else 1.0 + 0.01 * (i % 3 - 1))}
+
+    def run(**rules):
+        monitor = Monitor(peak_flops=1e12, rules=AnomalyRules(**rules))
+        _run(monitor, steps=steps, log_every=steps, objective=objective, batches=batches, lr_schedule=lambda s: 0.0)
+        return monitor
+
+    tight = run(spike_k=4.0, warmup_steps=steps)
+    layers = set(tight.records[-1]["layer_grad_norms"])
+    assert {(a["step"], a["kind"]) for a in tight.anomalies} == {(bad_step, "loss_spike"), (bad_step, "grad_norm_spike")}
+    assert {a["rule"] for a in tight.anomalies} == {"band"} and min(a["z"] for a in tight.anomalies) > 50
+    exploding = run(spike_k=4.0, explode_factor=1.2, warmup_steps=steps).anomalies
+    assert {(a["step"], a["layer"]) for a in exploding if a["kind"] == "layer_exploding"} == {(bad_step, n) for n in layers}
+    assert run(spike_k=1000.0, explode_factor=1.2, warmup_steps=steps).anomalies == []
+    # warmup_steps=1 (the default): an LR of 0 from step 2 on is dead, flagged once
+    assert [(a["step"], a["kind"]) for a in run(spike_k=1000.0).anomalies] == [(2, "dead_lr")]
 
 def test_time_inside_exclude_time_is_left_out_of_tokens_per_second(monkeypatch):
     from pretrain_lib.monitor import core as core_module
@@ -272,7 +363,7 @@ def test_an_old_state_without_the_early_rule_still_loads():
     for key in ("loss_spikes", "grad_spikes"):
         for field in ("early_ratio", "early_history"):
             del saved[key][field]
-    restored = Monitor(spike_early_ratio=5.0)
+    restored = Monitor(rules=AnomalyRules(spike_early_ratio=5.0))
     restored.load_state_dict(saved)
     assert restored.grad_spikes.early_ratio == 5.0
 

@@ -4,7 +4,8 @@ The engine (``pretrain_lib.train.train``) runs the validation loss through its `
 every ``eval_every`` steps and at the last step, then calls ``on_eval``; :class:`Evaluator`
 adds perplexity, a GPT's bits per byte (``val_bits_per_byte``, :mod:`pretrain_lib.evaluate`'s
 measure on the same fixed validation windows, so a char run and a BPE run compare on one axis in
-``metrics.jsonl``) and a GPT sample or a BERT fill-mask there. :class:`Checkpointer` writes in
+``metrics.jsonl``) and a GPT sample or a BERT fill-mask there; the monitor, listed after it,
+records every ``val_*`` figure it put in ``state.metrics``. :class:`Checkpointer` writes in
 ``on_step``: every ``checkpoint.every`` steps, at the last step, and at the first logged step
 after a preemption signal (:mod:`.preemption`).
 """
@@ -16,7 +17,6 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..evaluate.metrics import bits_per_byte, token_byte_lengths
-from ..monitor import Monitor
 from ..train import clm_objective
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -92,33 +92,6 @@ class Evaluator:
             top = fill_mask(model, self.tokenizer, "To be, or not to be, that is the [MASK]")[0]
             line += "; fill-mask top-5: " + ", ".join(f"{tok!r} {p:.2f}" for tok, p in top)
         self.log(line)
-
-
-class RunMonitor(Monitor):
-    """The :class:`Monitor`, with the evaluation's further figures (``EVAL_EXTRAS``, put in
-    ``state.metrics`` by :class:`Evaluator`) written on the same ``metrics.jsonl`` line as
-    ``val_loss``. The base class records ``val_loss`` alone; when it records every ``val_*`` key
-    itself, this subclass can go."""
-
-    EVAL_EXTRAS = ("val_bits_per_byte",)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._eval_extras: dict = {}
-
-    def on_eval(self, state) -> None:
-        self._eval_extras = {k: state.metrics[k] for k in self.EVAL_EXTRAS if state.metrics.get(k) is not None}
-        try:
-            super().on_eval(state)
-        finally:
-            self._eval_extras = {}
-
-    def _emit(self, record: dict) -> None:
-        extras = self._eval_extras if "val_loss" in record else {}   # the evaluation's line, written inside on_eval
-        super()._emit({**record, **extras})
-        if self._writer is not None:
-            for key, value in extras.items():
-                self._writer.add_scalar(f"train/{key}", value, record["step"])
 
 
 class Checkpointer:

@@ -25,11 +25,12 @@ import torch.distributed as dist
 
 from ..data.tokenizer import special_token_ids
 from ..model import ModelConfig, seeded_model
+from ..monitor import AnomalyRules, Monitor
 from ..optim import build_optimizer, cosine_lr, wsd_lr
 from ..train import TrainConfig, clm_objective, mlm_objective, train
 from ..utils import is_headless, resolve_device, seed_everything
 from . import checkpoint as ckpt
-from .callbacks import Checkpointer, Evaluator, RunMonitor, ValidationSet, validation_fn
+from .callbacks import Checkpointer, Evaluator, ValidationSet, validation_fn
 from .config import RunConfig, config_from_dict, load_config, schedule_warnings
 from .data import PreparedData, prepare_data, resolve_path, train_loader
 from .parallel import DistInfo, init_distributed, load_full_state_dicts, wrap_model
@@ -284,13 +285,14 @@ def _optimizer(config: RunConfig, model, point: ResumePoint | None) -> torch.opt
 
 
 def _monitor(config: RunConfig, out_dir: Path, info: DistInfo, progress: bool | None,
-             point: ResumePoint | None) -> RunMonitor:
+             point: ResumePoint | None) -> Monitor:
     t = config.train
     show = (not is_headless() and sys.stderr.isatty()) if t.progress == "auto" else t.progress == "on"
     show = (show if progress is None else progress) and info.rank == 0
-    monitor = RunMonitor(out_dir / "metrics.jsonl" if info.rank == 0 else None, log_every=t.log_every, progress=show,
+    monitor = Monitor(out_dir / "metrics.jsonl" if info.rank == 0 else None, log_every=t.log_every, progress=show,
                       tensorboard_dir=out_dir / "tensorboard" if t.tensorboard and info.rank == 0
-                      and _has_tensorboard() else None, seq_len=config.model.seq_len + 1, warmup_steps=t.warmup_steps)
+                      and _has_tensorboard() else None, seq_len=config.model.seq_len + 1,
+                      rules=AnomalyRules(warmup_steps=t.warmup_steps))
     if point is not None and point.state.get("monitor") is not None:
         monitor.load_state_dict(point.state["monitor"])
     return monitor

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .detect import RollingZScore
+from .detect import AnomalyRules, RollingZScore
 from .norms import LayerIndex, full, layer_matrix, local, param_grad_norms
 from .peak import mfu as compute_mfu
 from .peak import peak_flops_info
@@ -45,6 +45,22 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _host_value(value: Any) -> Any:
+    """A one-element tensor as a Python number (an evaluation may hand one over); anything else as it is."""
+    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+
+
+def _refuse(unexpected: dict) -> None:
+    """``Monitor()`` with keywords it does not take: the old rule keywords get told the new spelling."""
+    old = {k: v for k, v in unexpected.items() if k in AnomalyRules.names()}
+    if old:
+        given = ", ".join(f"{k}={v!r}" for k, v in old.items())
+        raise TypeError(f"Monitor() takes the anomaly rules as one argument now: write "
+                        f"rules=AnomalyRules({given}) instead of {given} "
+                        "(from pretrain_lib.monitor import AnomalyRules)")
+    raise TypeError(f"Monitor() got an unexpected keyword argument {next(iter(unexpected))!r}")
+
+
 def _model_of(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP
         model = model.module
@@ -55,30 +71,31 @@ class Monitor:
     """An engine callback: norms, update ratios, tokens/s, MFU, memory, data wait, anomalies.
 
     ``jsonl_path``: one JSON line per logged step (None: keep records in memory only, in
-    ``.records``). ``log_every``: None follows ``TrainConfig.log_every``. ``spike_k`` and
-    ``spike_window``: a value above mean + k·σ of its last ``window`` values is a spike.
-    ``spike_min_history``: values the band needs before it judges; before that, from
-    ``spike_early_history`` values on, a value above ``spike_early_ratio`` × the median of the
-    values so far is a spike (the early rule: warmup and learning-rate failures strike in the
-    first steps; None turns it off). ``flops_per_token``: None asks the model (``model.flops_per_token(seq_len)``, the
+    ``.records``). ``log_every``: None follows ``TrainConfig.log_every``. ``rules``: the
+    anomaly rules, an :class:`AnomalyRules` (spike band and early rule, exploding and vanishing
+    layers, dead learning rate; None: the defaults), e.g. ``rules=AnomalyRules(spike_k=4.0)``.
+    ``flops_per_token``: None asks the model (``model.flops_per_token(seq_len)``, the
     library's one FLOP count). ``peak_flops``: None looks the device up
     (:func:`pretrain_lib.monitor.peak_flops`; measured on the CPU).
-    ``explode_factor``: a layer's norm is "exploding" when it is a spike *and* this many times
-    its window's mean. ``vanish_ratio``: a layer is "vanishing" when its norm falls below this
-    share of the global norm. ``warmup_steps``: a learning rate of 0 after this step is "dead".
     ``.anomalies`` lists dicts with ``step``, ``kind``, ``value`` and ``layer`` where it applies.
+    At an evaluation, every ``val_*`` figure in ``state.metrics`` (the engine's ``val_loss`` and
+    what callbacks listed before the monitor added) goes on that step's line.
     Each record's ``excluded_s`` is the time of its window left out of tokens/s (evaluations,
     log writing and drawing, and blocks run inside :meth:`exclude_time`).
     """
 
     def __init__(self, jsonl_path: str | Path | None = None, *, log_every: int | None = None,
-                 tensorboard_dir: str | Path | None = None, live: bool = False, spike_k: float = 6.0,
-                 spike_window: int = 128, progress: bool = False, flops_per_token: float | None = None,
-                 peak_flops: float | None = None, seq_len: int | None = None, spike_min_history: int = 16,
-                 spike_early_ratio: float | None = 4.0, spike_early_history: int = 3,
-                 vanish_ratio: float = 1e-4, explode_factor: float = 3.0, warmup_steps: int = 1,
-                 smoothing: float = 0.9,
-                 update_ratios: bool = True, live_every: int = 1, live_figure: str = "monitor_dashboard"):
+                 tensorboard_dir: str | Path | None = None, live: bool = False, progress: bool = False,
+                 rules: AnomalyRules | None = None, flops_per_token: float | None = None,
+                 peak_flops: float | None = None, seq_len: int | None = None, smoothing: float = 0.9,
+                 update_ratios: bool = True, live_every: int = 1, live_figure: str = "monitor_dashboard",
+                 **unexpected):
+        if unexpected:
+            _refuse(unexpected)
+        if rules is None:
+            rules = AnomalyRules()
+        if not isinstance(rules, AnomalyRules):
+            raise TypeError(f"rules must be an AnomalyRules (or None for the defaults), got {type(rules).__name__}")
         if log_every is not None and (not isinstance(log_every, int) or log_every <= 0):
             raise ValueError(f"log_every must be a positive integer or None, got {log_every!r}")
         if not 0.0 <= smoothing < 1.0:
@@ -98,10 +115,7 @@ class Monitor:
         if peak_flops is not None:
             self.peak_source = "given"
         self.seq_len = seq_len
-        self.spike_k, self.spike_window, self.spike_min_history = spike_k, spike_window, spike_min_history
-        self.spike_early_ratio, self.spike_early_history = spike_early_ratio, spike_early_history
-        self.vanish_ratio, self.warmup_steps, self.smoothing = vanish_ratio, warmup_steps, smoothing
-        self.explode_factor = explode_factor
+        self.rules, self.smoothing = rules, smoothing
         self.update_ratios = update_ratios
         self.loss_spikes = self._detector()
         self.grad_spikes = self._detector()
@@ -139,14 +153,16 @@ class Monitor:
             self._bar.update(1)
 
     def on_eval(self, state) -> None:
-        value = state.metrics.get("val_loss")
+        """Every ``val_*`` figure of this evaluation goes on the step's line: the engine's ``val_loss``
+        and those that callbacks listed before the monitor put in ``state.metrics``."""
+        values = {k: _host_value(v) for k, v in state.metrics.items() if k.startswith("val_")}
+        values.setdefault("val_loss", None)
         self._excluded += time.perf_counter() - self._t_step_end  # eval time is not training throughput
         if self._held is not None and self._held["step"] == state.step:
-            self._held["val_loss"] = value
+            self._held.update(values)
             self._write_held()
         else:
-            record = {"step": state.step, "val_loss": value}
-            self._emit(record)
+            self._emit({"step": state.step, **values})
 
     def on_end(self, state) -> None:
         if not self._started:
@@ -210,8 +226,7 @@ class Monitor:
     # ------------------------------------------------------------------ internals
 
     def _detector(self) -> RollingZScore:
-        return RollingZScore(self.spike_k, self.spike_window, self.spike_min_history,
-                             early_ratio=self.spike_early_ratio, early_history=self.spike_early_history)
+        return self.rules.detector()
 
     @staticmethod
     def _spike(step: int, kind: str, value: float, z: float, detector: RollingZScore) -> dict:
@@ -326,16 +341,16 @@ class Monitor:
                 spike, z = detector.update(value)
                 # a layer "explodes" when it is both far outside its band and several times its usual size:
                 # small layers (position embeddings, norms) have narrow bands that noise alone can leave
-                if spike and value > self.explode_factor * sum(history) / len(history):
+                if spike and value > self.rules.explode_factor * sum(history) / len(history):
                     found.append({**self._spike(step, "layer_exploding", value, z, detector), "layer": name})
-                vanishing = value <= self.vanish_ratio * norm
+                vanishing = value <= self.rules.vanish_ratio * norm
                 if vanishing and name not in self._vanishing:
                     found.append({"step": step, "kind": "layer_vanishing", "layer": name, "value": value,
                                   "share": value / norm if norm > 0 else float("nan")})
                     self._vanishing.add(name)
                 elif not vanishing:
                     self._vanishing.discard(name)
-        dead = lr <= 0.0 and step > self.warmup_steps
+        dead = lr <= 0.0 and step > self.rules.warmup_steps
         if dead and not self._lr_dead:
             found.append({"step": step, "kind": "dead_lr", "value": lr})
         self._lr_dead = dead
@@ -379,7 +394,7 @@ class Monitor:
         eval_follows = bool(state.config.eval_every) and (step % state.config.eval_every == 0
                                                            or step == state.config.steps)
         if eval_follows:
-            self._held = record  # on_eval adds val_loss and writes it (or the next hook does)
+            self._held = record  # on_eval adds the val_* figures and writes it (or the next hook does)
         else:
             self._emit(record)
         if self._bar is not None:
@@ -417,9 +432,10 @@ class Monitor:
 
     def _to_tensorboard(self, record: dict) -> None:
         step = record["step"]
-        for key in ("loss", "loss_smooth", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_share",
+        evaluation = [k for k in record if k.startswith("val_")]
+        for key in ("loss", "loss_smooth", *evaluation, "lr", "grad_norm", "tokens_per_s", "mfu", "data_share",
                     "rss_mb", "mem_allocated_mb", "mem_reserved_mb"):
-            if record.get(key) is not None:
+            if isinstance(record.get(key), (int, float)) and not isinstance(record[key], bool):
                 self._writer.add_scalar(f"train/{key}", record[key], step)
         for group in ("layer_grad_norms", "layer_update_ratios"):
             for name, value in (record.get(group) or {}).items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from dataclasses import dataclass, fields
 from typing import Callable, Iterable
 
 import torch
@@ -96,6 +97,71 @@ class RollingZScore:
         self.early_ratio = state.get("early_ratio", self.early_ratio)
         self.early_history = int(state.get("early_history", self.early_history))
         self.values = deque((float(v) for v in state["values"]), maxlen=self.window)
+
+
+@dataclass(frozen=True)
+class AnomalyRules:
+    """The rules by which :class:`~pretrain_lib.monitor.Monitor` flags an anomaly, in one value:
+    ``Monitor(path, rules=AnomalyRules(spike_k=4.0))``. Every field has the default shown.
+
+    - ``spike_k`` (6.0): the band: a loss, a gradient norm or a layer's norm more than ``spike_k``
+      standard deviations above the mean of its recent history is a spike.
+    - ``spike_window`` (128): that history is the last ``spike_window`` accepted values (flagged and
+      non-finite values are kept out of it).
+    - ``spike_min_history`` (16): how many values the band needs before it judges; in
+      ``[2, spike_window]``.
+    - ``spike_early_ratio`` (4.0): the early rule, for the first steps where the band cannot judge yet:
+      a value above ``spike_early_ratio`` × the median of the values so far is a spike (above 1;
+      None turns the early rule off).
+    - ``spike_early_history`` (3): how many values the early rule needs before it judges; in
+      ``[1, spike_min_history]``.
+    - ``explode_factor`` (3.0): a layer's gradient norm is "exploding" when it is a spike *and* more
+      than ``explode_factor`` times the mean of its history (positive).
+    - ``vanish_ratio`` (1e-4): a layer is "vanishing" when its gradient norm is at most this share of
+      the global gradient norm (in ``[0, 1)``; flagged once until it recovers).
+    - ``warmup_steps`` (1): a learning rate of 0 after this step is a "dead" learning rate (a
+      non-negative integer; flagged once until the rate comes back).
+    """
+
+    spike_k: float = 6.0
+    spike_window: int = 128
+    spike_min_history: int = 16
+    spike_early_ratio: float | None = 4.0
+    spike_early_history: int = 3
+    explode_factor: float = 3.0
+    vanish_ratio: float = 1e-4
+    warmup_steps: int = 1
+
+    def __post_init__(self):
+        if not self.spike_k > 0:
+            raise ValueError(f"spike_k must be positive, got {self.spike_k!r}")
+        if not isinstance(self.spike_window, int) or self.spike_window < 2:
+            raise ValueError(f"spike_window must be an integer of at least 2, got {self.spike_window!r}")
+        if not isinstance(self.spike_min_history, int) or not 2 <= self.spike_min_history <= self.spike_window:
+            raise ValueError(f"spike_min_history must be an integer in [2, spike_window={self.spike_window}], "
+                             f"got {self.spike_min_history!r}")
+        if self.spike_early_ratio is not None and not self.spike_early_ratio > 1:
+            raise ValueError(f"spike_early_ratio must be above 1 (or None: no early rule), "
+                             f"got {self.spike_early_ratio!r}")
+        if not isinstance(self.spike_early_history, int) or not 1 <= self.spike_early_history <= self.spike_min_history:
+            raise ValueError(f"spike_early_history must be an integer in [1, spike_min_history="
+                             f"{self.spike_min_history}], got {self.spike_early_history!r}")
+        if not self.explode_factor > 0:
+            raise ValueError(f"explode_factor must be positive, got {self.explode_factor!r}")
+        if not 0 <= self.vanish_ratio < 1:
+            raise ValueError(f"vanish_ratio must be in [0, 1), got {self.vanish_ratio!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """The fields' names (the keyword arguments ``Monitor`` took before they were grouped here)."""
+        return tuple(f.name for f in fields(cls))
+
+    def detector(self) -> RollingZScore:
+        """A fresh spike detector following these rules."""
+        return RollingZScore(self.spike_k, self.spike_window, self.spike_min_history,
+                             early_ratio=self.spike_early_ratio, early_history=self.spike_early_history)
 
 
 def rolling_spikes(values: Iterable[float], k: float = 6.0, window: int = 128, min_history: int = 16, *,
