@@ -417,7 +417,9 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
             model.train()
             history.eval_steps.append(step + 1)
             history.eval_losses.append(value)
-            state.metrics = {**state.metrics, "step": step + 1, "val_loss": value}
+            # this evaluation's val_* keys only: an earlier evaluation's extras must not be logged again
+            kept = {k: v for k, v in state.metrics.items() if not k.startswith("val_")}
+            state.metrics = {**kept, "step": step + 1, "val_loss": value}
             _call(callbacks, "on_eval", state)
         if state.stop:
             if pending:

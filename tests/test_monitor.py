@@ -115,6 +115,19 @@ def test_jsonl_lines_parse_and_carry_the_documented_keys(tmp_path):
     assert read_jsonl(path) == lines
 
 
+def test_an_evaluation_does_not_repeat_an_earlier_evaluations_val_keys():
+    """Two evaluations with no logged step between them: a val_* key that only the first one set
+    must not reappear on the second one's line (the engine starts each evaluation's val_* afresh)."""
+    class FirstOnly:
+        def on_eval(self, state):
+            if state.step == 2:
+                state.metrics["val_once"] = 7.0
+
+    monitor = Monitor(peak_flops=1e12)
+    _run(monitor, steps=6, log_every=8, eval_every=2, eval_fn=lambda m: 1.0, callbacks_before=[FirstOnly()])
+    assert [(r["step"], r.get("val_once")) for r in monitor.records] == [(2, 7.0), (4, None), (6, None)]
+
+
 def test_on_eval_records_every_val_key_the_evaluation_produced(tmp_path):
     """A callback listed before the monitor adds ``val_foo`` (a float, then a one-element tensor):
     the evaluation's line carries it beside ``val_loss``, in JSONL and TensorBoard; other lines do not."""
