@@ -55,7 +55,11 @@ class DataSection:
     max_docs: int = 0                 # 0: every document
     tokenizer: str = "char"           # "char" | "bpe" | "wordpiece"
     vocab_size: int = 0               # bpe / wordpiece only; a char vocabulary is the corpus's characters
-    val_fraction: float = 0.1         # the last fraction of the token stream is the validation split
+    val_fraction: float = 0.1         # the validation split's share of the tokens (see split)
+    # "documents": whole documents, chosen by a hash of their names, make up ~val_fraction of the tokens;
+    # "tail": the last val_fraction of the token stream; "auto": "tail" for the Shakespeare corpus (its last
+    # plays are the benchmark's held-out text) and for a single document, "documents" otherwise.
+    split: str = "auto"
     tokens_per_shard: int = 1_000_000
     num_workers: int = 0              # DataLoader worker processes
     mlm_probability: float = 0.15
@@ -67,7 +71,8 @@ class DataSection:
     max_duplicate_lines: float = 0.0  # share of repeated lines (default 0.3 for prose, 0.5 for code)
     min_lines: int = 0                # code: fewest non-empty lines (default 5)
 
-    CHOICES = {"corpus": ("shakespeare", "code", "folder"), "tokenizer": ("char", "bpe", "wordpiece")}
+    CHOICES = {"corpus": ("shakespeare", "code", "folder"), "tokenizer": ("char", "bpe", "wordpiece"),
+               "split": ("auto", "documents", "tail")}
 
     def check(self) -> None:
         if self.corpus == "folder" and not self.folder:
@@ -182,7 +187,7 @@ SECTIONS = ("model", "data", "train", "checkpoint")
 # model's shape, the data or the tokenizer. A resume that changes one is refused unless
 # allow_config_change = true.
 EXACTNESS_KEYS = ("seed", "parallel", "model.*", "data.corpus", "data.folder", "data.max_docs", "data.tokenizer",
-                  "data.vocab_size", "data.val_fraction", "data.tokens_per_shard", "data.mlm_probability",
+                  "data.vocab_size", "data.val_fraction", "data.split", "data.tokens_per_shard", "data.mlm_probability",
                   "data.min_words", "data.max_symbol_ratio", "data.max_duplicate_lines", "data.min_lines",
                   "train.batch_size", "train.grad_accum_steps")
 

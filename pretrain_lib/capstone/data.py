@@ -7,6 +7,14 @@ tokenizer and its vocabulary, the split), so a second run with the same ``[data]
 reuses the shards and a changed one prepares new ones next to the old. A folder is built
 under a temporary name and renamed when complete: an interrupted preparation never
 leaves a half-written cache that a later run would trust.
+
+The validation split (``data.split``) is made of whole documents for a folder of your own text
+(and the code corpus): ordered by a hash of their names, documents join it while they bring its
+share of the tokens closer to ``val_fraction`` (:func:`choose_validation_documents`), so a folder
+whose last files differ in kind still gets a validation set drawn from all of it. The Shakespeare
+corpus keeps the tail split (the last ``val_fraction`` of the token stream of the plays in sorted
+order, nanoGPT's 90/10): its last plays are the text the benchmark's items come from. A single
+document is always split at its tail.
 """
 from __future__ import annotations
 
@@ -41,6 +49,16 @@ def _data_keys(data: DataSection) -> tuple[str, ...]:
     """The settings that name the prepared data; cleaning thresholds only when set (old caches stay valid)."""
     return _DATA_KEYS + tuple(k for k in ("min_words", "max_symbol_ratio", "max_duplicate_lines", "min_lines")
                               if getattr(data, k))
+
+
+def _settings(data: DataSection) -> dict:
+    """The settings that change the tokens, as the fingerprint sees them: the split only when it is by document
+    (a tail split names its data as it did before ``data.split`` existed, so the shipped configs' caches stay
+    valid)."""
+    settings = {k: getattr(data, k) for k in _data_keys(data)}
+    if split_mode(data) == "documents":
+        settings["split"] = "documents"
+    return settings
 
 
 # ----------------------------------------------------------------------------- character tokenizer
@@ -123,10 +141,79 @@ def dropped_files_report(report: CleaningReport, rules_for, domain: str, *, limi
 def data_fingerprint(data: DataSection) -> str:
     """16 hex digits naming the prepared data: the settings that change tokens and the
     corpus's files (names and sizes), so an edited text file gets a fresh cache."""
-    settings = {k: getattr(data, k) for k in _data_keys(data)}
+    settings = _settings(data)
     files = [(p.name, p.stat().st_size) for p in _source_files(data)]
     blob = json.dumps({"format": CACHE_FORMAT, "settings": settings, "files": files}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- the validation split
+
+def split_mode(data: DataSection) -> str:
+    """``"documents"`` or ``"tail"``: ``data.split``, with ``"auto"`` choosing the tail for the Shakespeare
+    corpus (the benchmark's items come from its last plays, which the tail split holds out) and whole
+    documents for every other corpus. A corpus of one document is split at its tail whatever this says."""
+    if data.split != "auto":
+        return data.split
+    return "tail" if data.corpus == "shakespeare" else "documents"
+
+
+def document_hash(name: str) -> str:
+    """The key that orders documents for the split: SHA-256 of the document's name (its path in the folder)."""
+    return hashlib.sha256(name.encode("utf-8")).hexdigest()
+
+
+def choose_validation_documents(names: list[str], sizes: list[int], val_fraction: float) -> list[bool]:
+    """Which documents make the validation split: ``True`` for each one taken.
+
+    Going through the documents in the order of :func:`document_hash` of their names, a document is
+    taken when adding its tokens brings the split's total closer to ``val_fraction`` of all tokens. The
+    choice depends only on names and sizes (no seed, no file order), so it is the same on every machine,
+    a file added later does not reshuffle the others, and a folder sorted by kind is sampled across kinds.
+    The split never exceeds twice the target, so with ``val_fraction < 0.5`` training keeps documents.
+    """
+    if len(names) != len(sizes):
+        raise ValueError(f"{len(names)} names but {len(sizes)} sizes")
+    target = val_fraction * sum(sizes)
+    taken, held = [False] * len(names), 0
+    for i in sorted(range(len(names)), key=lambda i: (document_hash(names[i]), i)):
+        if abs(held + sizes[i] - target) < abs(held - target):
+            taken[i], held = True, held + sizes[i]
+    return taken
+
+
+def split_tokens(data: DataSection, names: list[str], pieces: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """``(train, val, report)``: the token stream cut as ``data.split`` says (see :func:`split_mode`).
+
+    ``pieces`` are the documents' token arrays (each ending with its end-of-text token), in corpus
+    order; each split keeps that order. ``report`` says which split was made and, by document, which
+    documents are in the validation split. An ``auto`` split whose documents are all too large to come
+    near ``val_fraction`` (each more than twice the target) falls back to the tail and says why; an
+    explicit ``split = "documents"`` raises instead."""
+    mode, why = split_mode(data), ""
+    if mode == "documents" and len(pieces) < 2:
+        if data.split == "documents":
+            raise ValueError(f"data.split = 'documents' needs at least two documents, and the corpus has "
+                             f"{len(pieces)} after cleaning: add files, or set data.split = 'tail'")
+        mode, why = "tail", "one document"
+    taken = choose_validation_documents(names, [p.size for p in pieces], data.val_fraction) if mode == "documents" else []
+    if mode == "documents" and not any(taken):
+        total = sum(p.size for p in pieces)
+        smallest = min(range(len(pieces)), key=lambda i: pieces[i].size)
+        message = (f"no document is small enough for a validation split by document near data.val_fraction = "
+                   f"{data.val_fraction:g}: the smallest, {names[smallest]}, holds {pieces[smallest].size / total:.1%} "
+                   f"of the {total:,} tokens")
+        if data.split == "documents":
+            raise ValueError(message + "; raise val_fraction, add (or split) files, or set data.split = 'tail'")
+        mode, why = "tail", message
+    if mode == "tail":
+        stream = np.concatenate(pieces)
+        n_train = int(round(stream.size * (1.0 - data.val_fraction)))
+        return stream[:n_train], stream[n_train:], {"split": "tail", "why": why} if why else {"split": "tail"}
+    train = np.concatenate([p for p, t in zip(pieces, taken) if not t])
+    val = np.concatenate([p for p, t in zip(pieces, taken) if t])
+    return train, val, {"split": "documents", "val_documents": [n for n, t in zip(names, taken) if t],
+                        "train_documents": len(pieces) - sum(taken)}
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -145,6 +232,16 @@ class PreparedData:
         return load_tokenizer(self.tokenizer_path)
 
 
+def split_description(meta: dict, val_fraction: float) -> str:
+    """One sentence on how a prepared corpus was split (from its ``meta.json``)."""
+    share = meta["val_tokens"] / max(1, meta["tokens"])
+    if meta.get("split") == "documents":
+        return (f"validation split: {len(meta['val_documents'])} of {meta['documents']} documents, chosen by a hash of "
+                f"their names, {meta['val_tokens']:,} tokens ({share:.1%}; data.val_fraction = {val_fraction:g})")
+    why = f" ({meta['why']})" if meta.get("why") else ""
+    return f"validation split: the last {share:.1%} of the token stream, {meta['val_tokens']:,} tokens{why}"
+
+
 def _load_prepared(folder: Path) -> PreparedData:
     meta = json.loads((folder / "meta.json").read_text())
     return PreparedData(folder, meta["fingerprint"], folder / "tokenizer.json", folder / "train" / "index.json",
@@ -155,10 +252,10 @@ def prepare_data(data: DataSection, *, verbose: bool = True) -> PreparedData:
     """Clean, tokenise and shard the corpus once; later calls with the same settings reuse it.
 
     Layout of ``<cache_dir>/<fingerprint>/``: ``tokenizer.json``, ``train/`` and ``val/``
-    shard sets (``index.json`` + ``shard_*.bin``), ``meta.json`` (counts and the cleaning
-    report). The token stream is every document followed by ``<|endoftext|>``; its first
-    ``1 - val_fraction`` is the training split and the rest validation, as nanoGPT splits
-    its text 90/10 (the last plays are text the model never trains on).
+    shard sets (``index.json`` + ``shard_*.bin``), ``meta.json`` (counts, the split and the
+    cleaning report). Each document is followed by ``<|endoftext|>``; the validation split is
+    whole documents or the stream's tail (:func:`split_tokens`). The tokenizer is trained on
+    every document, validation included, as nanoGPT's character vocabulary is.
     """
     fingerprint = data_fingerprint(data)
     cache = _resolve(data.cache_dir)
@@ -170,7 +267,8 @@ def prepare_data(data: DataSection, *, verbose: bool = True) -> PreparedData:
     shutil.rmtree(tmp, ignore_errors=True)
     report = CleaningReport()
     rules_for = cleaning_rules(data)
-    texts = [d.text for d in clean_documents(iter_documents(data), rules=rules_for, report=report)]
+    docs = list(clean_documents(iter_documents(data), rules=rules_for, report=report))
+    texts = [d.text for d in docs]
     dropped = dropped_files_report(report, rules_for, "code" if data.corpus == "code" else data.corpus)
     if dropped and verbose:
         print(f"data: cleaning dropped {report.docs_in - report.docs_out} of {report.docs_in} documents (thresholds: "
@@ -180,23 +278,22 @@ def prepare_data(data: DataSection, *, verbose: bool = True) -> PreparedData:
         tok = train_char_tokenizer(texts)
     else:
         tok = train_tokenizer(texts, vocab_size=data.vocab_size, kind=data.tokenizer)
-    save_tokenizer(tok, tmp / "tokenizer.json")
     eot = tok.token_to_id(EOT)
     pieces = []
     for start in range(0, len(texts), 16):  # 16 documents at a time: int32 arrays, not lists of Python ints
         for ids in encode_texts(tok, texts[start:start + 16]):
             pieces.append(np.asarray(ids + [eot], dtype=np.int32))
-    stream = np.concatenate(pieces)
-    n_train = int(round(stream.size * (1.0 - data.val_fraction)))
+    train, val, split = split_tokens(data, [d.name for d in docs], pieces)   # may refuse: nothing written yet
+    save_tokenizer(tok, tmp / "tokenizer.json")
     fp_tok = tokenizer_fingerprint(tok)
     vocab_size = tok.get_vocab_size()
-    for split, part in (("train", stream[:n_train]), ("val", stream[n_train:])):
-        write_shards([part], tmp / split, tokens_per_shard=data.tokens_per_shard, vocab_size=vocab_size,
+    for name, part in (("train", train), ("val", val)):
+        write_shards([part], tmp / name, tokens_per_shard=data.tokens_per_shard, vocab_size=vocab_size,
                      tokenizer_fingerprint=fp_tok)
     meta = {"fingerprint": fingerprint, "tokenizer_fingerprint": fp_tok, "vocab_size": vocab_size,
-            "documents": len(texts), "characters": sum(len(t) for t in texts), "tokens": int(stream.size),
-            "train_tokens": n_train, "val_tokens": int(stream.size - n_train), "cleaning": report.table(),
-            "dropped": report.removed_names, "settings": {k: getattr(data, k) for k in _data_keys(data)}}
+            "documents": len(texts), "characters": sum(len(t) for t in texts), "tokens": int(train.size + val.size),
+            "train_tokens": int(train.size), "val_tokens": int(val.size), **split, "cleaning": report.table(),
+            "dropped": report.removed_names, "settings": _settings(data)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         os.rename(tmp, folder)
@@ -206,7 +303,7 @@ def prepare_data(data: DataSection, *, verbose: bool = True) -> PreparedData:
             raise
     if verbose:
         print(f"data: prepared {meta['documents']} documents → {meta['tokens']:,} tokens "
-              f"(vocabulary {vocab_size}) in {folder}")
+              f"(vocabulary {vocab_size}) in {folder}\ndata: {split_description(meta, data.val_fraction)}")
     return _load_prepared(folder)
 
 
@@ -242,8 +339,10 @@ def validation_batches(prepared: PreparedData, config: RunConfig) -> list[dict[s
     b = config.train.batch_size
     n = min(config.train.eval_batches * b, len(dataset))
     if n < b:
-        raise ValueError(f"the validation split holds {len(dataset)} windows of {config.model.seq_len + 1} tokens, "
-                         f"fewer than one batch of {b}: raise data.val_fraction or use more documents")
+        raise ValueError(f"the validation split holds {len(dataset)} windows of {config.model.seq_len + 1} tokens "
+                         f"({split_description(prepared.meta, config.data.val_fraction)}), fewer than one batch of "
+                         f"{b}: add text (more or longer documents), raise data.val_fraction, or lower "
+                         "train.batch_size or model.seq_len")
     windows = [dataset.window(i) for i in range(n - n % b)]
     return [clm_collate(windows[i:i + b]) for i in range(0, len(windows), b)]
 
