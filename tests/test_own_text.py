@@ -1,12 +1,18 @@
-"""Your own text: the validation split by document."""
+"""Your own text: the validation split by document, and one rule for relative paths (the working directory)."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from pretrain_lib.capstone.config import config_from_dict, load_config
+from pretrain_lib.capstone import run
+from pretrain_lib.capstone.cli import build_parser
+from pretrain_lib.capstone.config import COURSE_DATA_CACHE, config_from_dict, load_config, resolve_path
 from pretrain_lib.capstone.data import (choose_validation_documents, data_fingerprint, prepare_data,
                                         validation_batches)
 from pretrain_lib.data.clean import clean_documents
@@ -137,3 +143,60 @@ def test_the_shakespeare_configs_keep_the_tail_split_and_their_fingerprints(tmp_
     n_train = round(len(stream) * 0.9)
     assert prepared.meta["split"] == "tail"
     assert decoded(prepared, "val") == "".join(stream[n_train:])
+
+
+# ----------------------------------------------------------------------------- one path rule
+
+def test_resolve_path_takes_relative_paths_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("runs/../out") == tmp_path / "out"
+    assert resolve_path(REPO / "configs") == REPO / "configs"
+    assert resolve_path("~/x") == Path.home() / "x"
+    empty = config_from_dict({})
+    assert empty.data.cache_dir == "" and COURSE_DATA_CACHE == REPO / "build" / "data"
+
+
+def test_help_states_the_path_rule():
+    text = " ".join(build_parser().format_help().split())
+    assert "a relative path is relative to the working directory" in text
+    assert all(key in text for key in ("--config", "out_dir", "data.folder", "data.cache_dir"))
+
+
+def test_relative_out_dir_and_folder_from_a_temporary_working_directory_land_there(tmp_path, monkeypatch):
+    write_folder(tmp_path / "texts", {f"d{i}.txt": words_text(i, 300) for i in range(6)})
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({
+        "out_dir": "runs/mine", "seed": 3,
+        "model": {"n_layers": 1, "n_heads": 2, "d_model": 16, "seq_len": 16},
+        "data": {"corpus": "folder", "folder": "texts", "tokenizer": "char", "val_fraction": 0.2, "cache_dir": "cache"},
+        "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1, "eval_every": 2, "eval_batches": 1,
+                  "sample_tokens": 0, "tensorboard": False},
+        "checkpoint": {"every": 2}})
+    result = run(cfg, verbose=False)
+    assert result.out_dir == tmp_path / "runs" / "mine" and (tmp_path / "runs" / "mine" / "latest").is_file()
+    assert any((tmp_path / "cache").iterdir()) and not (REPO / "runs" / "mine").exists()
+    saved = json.loads((tmp_path / "runs" / "mine" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "loss" in saved
+    # the checkpoint records absolute paths, so a run folder is usable from anywhere
+    assert (result.config.out_dir, result.config.data.folder, result.config.data.cache_dir) == \
+        (str(tmp_path / "runs" / "mine"), str(tmp_path / "texts"), str(tmp_path / "cache"))
+    assert cfg.out_dir == "runs/mine", "the caller's config is left as written"
+
+
+def test_the_command_line_reads_every_relative_path_from_where_it_runs(tmp_path):
+    work = tmp_path / "work"
+    write_folder(work / "texts", {f"d{i}.txt": words_text(i, 300) for i in range(6)})
+    (work / "my.toml").write_text(
+        'out_dir = "runs/cli"\nseed = 1\n[model]\nn_layers = 1\nn_heads = 2\nd_model = 16\nseq_len = 16\n'
+        '[data]\ncorpus = "folder"\nfolder = "texts"\ntokenizer = "char"\nval_fraction = 0.2\ncache_dir = "cache"\n'
+        '[train]\nsteps = 2\nbatch_size = 2\nwarmup_steps = 1\nlog_every = 1\neval_every = 2\neval_batches = 1\n'
+        'sample_tokens = 0\ntensorboard = false\n[checkpoint]\nevery = 2\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pretrain_lib.train", "--config", "my.toml", "--set",
+                           'out_dir="elsewhere/cli"'], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (work / "elsewhere" / "cli" / "latest").is_file() and (work / "cache").is_dir()
+    missing = subprocess.run([sys.executable, "-m", "pretrain_lib.train", "--config", "configs/gpt-char-tiny.toml"],
+                             cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "relative paths are read from the working directory" in missing.stderr

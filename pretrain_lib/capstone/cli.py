@@ -17,9 +17,11 @@ from .preemption import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, EXIT_PREEMPTE
 from .trainer import RunResult, run
 
 EPILOG = f"""\
-paths: --config is read relative to the working directory; out_dir, data.folder and
-data.cache_dir in a config are relative to the course's root folder (absolute paths are used
-as given).
+paths: one rule for every path, as in any command-line tool: a relative path is relative to
+the working directory (the folder you run the command from), whether it is --config, --out,
+or out_dir, data.folder or data.cache_dir in the config file or in --set; ~ and absolute paths
+are used as given. data.cache_dir left empty (the default) is the course's build/data.
+From the course folder, configs/gpt-char-tiny.toml writes to build/runs/gpt-char-tiny.
 
 exit codes: {EXIT_OK} done; {EXIT_BAD_INPUT} bad input (a config, a path or a checkpoint refused; nothing trained);
 {EXIT_PREEMPTED} preempted: SIGTERM or SIGUSR1 arrived, a checkpoint was written at the next logged step,
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pretrain_lib.train", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description="Pretrain a GPT or BERT from a TOML config (configs/*.toml).")
-    parser.add_argument("--config", required=True, help="path of the TOML config, e.g. configs/gpt-char-tiny.toml")
+    parser.add_argument("--config", required=True,
+                        help="path of the TOML config, e.g. configs/gpt-char-tiny.toml (relative: to the working directory)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"],
                         type=lambda v: "auto" if v == "auto" else v, metavar="auto",
                         help="continue from the newest good checkpoint in out_dir (an error when there is none); "

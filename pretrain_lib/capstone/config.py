@@ -8,11 +8,19 @@ unknown key is an error that names the valid ones, a wrong type or an impossible
 says which key and why.
 
     cfg = load_config("configs/gpt-char-tiny.toml", overrides=["train.steps=300"])
+
+Paths. Every relative path a config names (``out_dir``, ``data.folder``, ``data.cache_dir``), like
+the ``--config`` path itself, is relative to the working directory, as for any command-line tool;
+``~`` and absolute paths are taken as given. :func:`resolve_paths` makes them absolute when a run
+starts, so its checkpoints record where its data and output really were. ``data.cache_dir`` left
+empty (the default) is the course's own ``build/data``, which every run and notebook shares.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import os
 import tomllib
 import types
 import typing
@@ -51,7 +59,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     corpus: str = "shakespeare"       # "shakespeare" | "code" (the Python standard library) | "folder"
-    folder: str = ""                  # the folder of .txt files when corpus = "folder"
+    folder: str = ""                  # the folder of .txt files when corpus = "folder" (relative: to the working dir)
     max_docs: int = 0                 # 0: every document
     tokenizer: str = "char"           # "char" | "bpe" | "wordpiece"
     vocab_size: int = 0               # bpe / wordpiece only; a char vocabulary is the corpus's characters
@@ -63,7 +71,7 @@ class DataSection:
     tokens_per_shard: int = 1_000_000
     num_workers: int = 0              # DataLoader worker processes
     mlm_probability: float = 0.15
-    cache_dir: str = "build/data"     # prepared shards, one folder per data fingerprint
+    cache_dir: str = ""               # prepared shards, one folder per data fingerprint ("": the course's build/data)
     # Cleaning thresholds (chapter 2.1's rules; 0 keeps the rule's default). A document failing one is dropped,
     # and preparation prints which files were dropped and by which rule.
     min_words: int = 0                # prose: fewest words (default 50)
@@ -153,7 +161,7 @@ class CheckpointSection:
 
 @dataclass
 class RunConfig:
-    out_dir: str = "build/runs/default"
+    out_dir: str = "build/runs/default"   # relative: to the working directory
     seed: int = 1337
     device: str = "auto"
     parallel: str = "none"            # "none" | "ddp" | "fsdp" (under torchrun)
@@ -190,6 +198,34 @@ EXACTNESS_KEYS = ("seed", "parallel", "model.*", "data.corpus", "data.folder", "
                   "data.vocab_size", "data.val_fraction", "data.split", "data.tokens_per_shard", "data.mlm_probability",
                   "data.min_words", "data.max_symbol_ratio", "data.max_duplicate_lines", "data.min_lines",
                   "train.batch_size", "train.grad_accum_steps")
+
+
+# ----------------------------------------------------------------------------- paths
+
+COURSE_ROOT = Path(__file__).resolve().parents[2]
+COURSE_DATA_CACHE = COURSE_ROOT / "build" / "data"   # data.cache_dir = "" (the default)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """The one rule for a path in a config: ``~`` expanded, a relative path taken from the working
+    directory (as the command line takes ``--config``), the result absolute and normalised."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def data_cache_dir(data: "DataSection") -> Path:
+    """Where prepared data is cached: ``data.cache_dir``, or the course's ``build/data`` when it is empty."""
+    return resolve_path(data.cache_dir) if data.cache_dir else COURSE_DATA_CACHE
+
+
+def resolve_paths(config: "RunConfig") -> "RunConfig":
+    """A copy of ``config`` with ``out_dir``, ``data.folder`` and ``data.cache_dir`` absolute (see
+    :func:`resolve_path`): what the trainer runs with and records in its checkpoints, so that
+    ``generate`` or ``evaluate`` started from another folder still find the run's data."""
+    out = copy.deepcopy(config)
+    out.out_dir = str(resolve_path(config.out_dir))
+    out.data.folder = str(resolve_path(config.data.folder)) if config.data.folder else ""
+    out.data.cache_dir = str(data_cache_dir(config.data))
+    return out
 
 
 # ----------------------------------------------------------------------------- validation
@@ -294,8 +330,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read a TOML config file and validate it (see :func:`config_from_dict`)."""
     path = Path(path)
     if not path.is_file():
-        shipped = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.toml"))
-        raise ConfigError(f"no config file at {path}; the shipped configs are configs/{{{','.join(shipped)}}}.toml")
+        shipped = sorted(p.stem for p in (COURSE_ROOT / "configs").glob("*.toml"))
+        where = "" if path.is_absolute() else f" (relative paths are read from the working directory, {Path.cwd()})"
+        raise ConfigError(f"no config file at {path}{where}; the shipped configs are "
+                          f"{COURSE_ROOT / 'configs'}/{{{','.join(shipped)}}}.toml")
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:

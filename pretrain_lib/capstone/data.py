@@ -38,8 +38,7 @@ from ..data.loader import ResumableLoader, ShardedTokenDataset, clm_collate
 from ..data.shards import read_index, write_shards
 from ..data.tokenizer import (EOT, SPECIAL_TOKENS, UNK, encode_texts, load_tokenizer, save_tokenizer,
                               tokenizer_fingerprint, train_tokenizer)
-from ..utils import REPO_ROOT
-from .config import DataSection, RunConfig
+from .config import DataSection, RunConfig, data_cache_dir, resolve_path
 
 CACHE_FORMAT = "capstone-data/1"   # bump when the preparation below changes what it writes
 _DATA_KEYS = ("corpus", "folder", "max_docs", "tokenizer", "vocab_size", "val_fraction")
@@ -52,10 +51,12 @@ def _data_keys(data: DataSection) -> tuple[str, ...]:
 
 
 def _settings(data: DataSection) -> dict:
-    """The settings that change the tokens, as the fingerprint sees them: the split only when it is by document
-    (a tail split names its data as it did before ``data.split`` existed, so the shipped configs' caches stay
-    valid)."""
+    """The settings that change the tokens, as the fingerprint sees them: the folder as an absolute path (the
+    same folder named two ways is one cache), and the split only when it is by document (a tail split names
+    its data as it did before ``data.split`` existed, so the shipped configs' caches stay valid)."""
     settings = {k: getattr(data, k) for k in _data_keys(data)}
+    if data.folder:
+        settings["folder"] = str(resolve_path(data.folder))
     if split_mode(data) == "documents":
         settings["split"] = "documents"
     return settings
@@ -104,15 +105,6 @@ def iter_documents(data: DataSection) -> Iterator[corpus_mod.Document]:
     else:
         docs = corpus_mod.load_text_folder(resolve_path(data.folder))
     return itertools.islice(docs, data.max_docs or None)
-
-
-def resolve_path(path: str) -> Path:
-    """Relative paths in a config are relative to the course's root folder."""
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else REPO_ROOT / p
-
-
-_resolve = resolve_path   # the old name
 
 
 def cleaning_rules(data: DataSection):
@@ -258,7 +250,7 @@ def prepare_data(data: DataSection, *, verbose: bool = True) -> PreparedData:
     every document, validation included, as nanoGPT's character vocabulary is.
     """
     fingerprint = data_fingerprint(data)
-    cache = _resolve(data.cache_dir)
+    cache = data_cache_dir(data)
     folder = cache / fingerprint
     if (folder / "meta.json").is_file():
         return _load_prepared(folder)

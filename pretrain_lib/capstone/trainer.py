@@ -31,7 +31,7 @@ from ..train import TrainConfig, clm_objective, mlm_objective, train
 from ..utils import is_headless, resolve_device, seed_everything
 from . import checkpoint as ckpt
 from .callbacks import Checkpointer, Evaluator, ValidationSet, validation_fn
-from .config import RunConfig, config_from_dict, load_config, schedule_warnings
+from .config import RunConfig, config_from_dict, load_config, resolve_paths, schedule_warnings
 from .data import PreparedData, prepare_data, resolve_path, train_loader
 from .parallel import DistInfo, init_distributed, load_full_state_dicts, wrap_model
 from .preemption import RunInterrupted, StopRequests
@@ -131,7 +131,7 @@ def run(config: RunConfig | str | Path, *, resume: bool | str = False, overwrite
     ``allow_config_change = true``. SIGTERM/SIGUSR1 stop the run after a checkpoint
     (``result.preempted``); Ctrl-C raises :class:`RunInterrupted` naming the last checkpoint.
     """
-    config = _as_config(config, overrides)
+    config = resolve_paths(_as_config(config, overrides))   # relative paths: from the working directory
     info = init_distributed(config.parallel)
     log = print if verbose and info.rank == 0 else (lambda *a, **k: None)
     threads_before = torch.get_num_threads()
