@@ -14,7 +14,8 @@ from pretrain_lib.data.synthetic import arithmetic_batch, local_shard
 from pretrain_lib.distributed.arguments import base_parser, check_args
 from pretrain_lib.distributed.collectives import parse_size
 from pretrain_lib.distributed.comm_model import (Layout, fit_latency_bandwidth, ring_rounds, ring_seconds,
-                                                 ring_traffic_factor, step_communication, tensor_parallel_bytes)
+                                                 ring_traffic_factor, step_communication, tensor_parallel_bytes,
+                                                 data_parallel_schedule)
 from pretrain_lib.distributed.launch import LaunchTimeoutError, RankFailedError, run_torchrun, torchrun_command
 from pretrain_lib.distributed.pipeline_bubble import idle_accounting, message_delays
 from pretrain_lib.distributed.pipeline_schedules import (bubble_fraction, bubble_theory, gpipe_bubble, gpipe_order,
@@ -71,13 +72,24 @@ def test_step_communication_layouts():
     assert dp_only["tensor_parallel_s"] == 0.0 and dp_only["pipeline_s"] == 0.0
     zero3 = step_communication(1e9, Layout(dp=8, zero_stage=3), **base, latency_s=0.0, intra_node_Bps=100e9)
     assert zero3["data_parallel_s"] == pytest.approx(1.5 * dp_only["data_parallel_s"])
-    # 4 micro-batches, worked by hand: one reduce-scatter plus 2 x 4 all-gathers of the 2e9-byte shard,
-    # each 7/8 x 2e9 B / 100e9 B/s = 0.0175 s -> 9 x 0.0175 = 0.1575 s
-    zero3_m4 = step_communication(1e9, Layout(dp=8, zero_stage=3), **base, n_micro=4, latency_s=0.0,
-                                  intra_node_Bps=100e9)
-    assert zero3_m4["data_parallel_s"] == pytest.approx(0.1575)
-    dp_m4 = step_communication(1e9, Layout(dp=8), **base, n_micro=4, latency_s=0.0, intra_node_Bps=100e9)
-    assert dp_m4["data_parallel_s"] == pytest.approx(dp_only["data_parallel_s"])  # DP reduces once per step
+    # 4 micro-batches, worked by hand: each half-op of the 2e9-byte shard is 7/8 x 2e9 B / 100e9 B/s = 0.0175 s.
+    # ZeRO-3: a reduce-scatter per micro-batch plus 2 all-gathers per micro-batch -> 12 x 0.0175 = 0.21 s
+    kw = dict(**base, n_micro=4, latency_s=0.0, intra_node_Bps=100e9)
+    zero3_m4 = step_communication(1e9, Layout(dp=8, zero_stage=3), **kw)
+    assert zero3_m4["data_parallel_s"] == pytest.approx(0.21)
+    # ZeRO-2 holds only a gradient shard: a reduce-scatter per micro-batch, one all-gather -> 5 x 0.0175 = 0.0875 s
+    zero2_m4 = step_communication(1e9, Layout(dp=8, zero_stage=2), **kw)
+    assert zero2_m4["data_parallel_s"] == pytest.approx(0.0875)
+    # ZeRO-1 and plain DP keep full gradients, accumulate them and reduce once: 2 x 0.0175 = 0.035 s
+    zero1_m4 = step_communication(1e9, Layout(dp=8, zero_stage=1), **kw)
+    assert zero1_m4["data_parallel_s"] == pytest.approx(0.035)
+    dp_m4 = step_communication(1e9, Layout(dp=8), **kw)
+    assert dp_m4["data_parallel_s"] == pytest.approx(0.035) == pytest.approx(dp_only["data_parallel_s"])
+    assert data_parallel_schedule(2, 4) == {"reduce_scatter": 4, "all_gather": 1}
+    assert data_parallel_schedule(3, 4) == {"reduce_scatter": 4, "all_gather": 8}
+    # with latency: a 2-rank ring half-op pays 1 round, so ZeRO-2 at 4 micro-batches pays 5 latencies
+    lat = step_communication(1e9, Layout(dp=2, zero_stage=2), **base, n_micro=4, latency_s=1e-3, intra_node_Bps=100e9)
+    assert lat["data_parallel_s"] == pytest.approx(5 * (1e-3 + 0.5 * 2e9 / 100e9))
     with pytest.raises(ValueError, match="inside a node"):
         Layout(tp=16, gpus_per_node=8)
 

@@ -70,6 +70,28 @@ def tensor_parallel_bytes(*, n_layers: int, batch: int, seq_len: int, d_model: i
     return n_layers * activation * (2 * forward_value_bytes + 2 * backward_value_bytes)
 
 
+def data_parallel_schedule(zero_stage: int, n_micro: int = 1) -> dict[str, int]:
+    """Data-parallel collectives per optimiser step, each over the whole (shard of the) model.
+
+    Stages 0 and 1 hold full gradients and reduce once per step after ``n_micro`` accumulated
+    micro-batches; stages 2 and 3 hold a gradient shard, so every micro-batch's backward ends in a
+    reduce-scatter (DeepSpeed's behaviour; accumulating full gradients instead would need the 2Ψ
+    buffer that stage 2 saves). Stage 3 also all-gathers the parameters for each micro-batch's
+    forward and backward; stages 1 and 2 all-gather the updated parameters once, after the step.
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0..3, got {zero_stage}")
+    if n_micro < 1:
+        raise ValueError(f"n_micro must be at least 1, got {n_micro}")
+    if zero_stage == 0:
+        return {"all_reduce": 1}
+    if zero_stage == 1:
+        return {"reduce_scatter": 1, "all_gather": 1}
+    if zero_stage == 2:
+        return {"reduce_scatter": n_micro, "all_gather": 1}
+    return {"reduce_scatter": n_micro, "all_gather": 2 * n_micro}
+
+
 @dataclass
 class Layout:
     dp: int = 1          # data-parallel replicas
@@ -99,13 +121,13 @@ def step_communication(n_params: float, layout: Layout, *, d_model: int, n_layer
                        latency_s: float = 10e-6) -> dict[str, float]:
     """Seconds of communication per optimiser step by kind (not overlapped with compute).
 
-    - data parallel: all-reduce of each rank's share of the gradients, Ψ/(tp·pp) numbers
-      (Ψ = n_params), once per step: gradients accumulate locally over the micro-batches
-      (``no_sync``) and are reduced after the last one (ZeRO-1/2: a reduce-scatter plus an
-      all-gather of the updated parameters, the same volume). ZeRO-3 keeps only a shard of
-      the parameters, so it all-gathers them again for every micro-batch's forward and
-      backward: one reduce-scatter of the gradients per step plus 2·n_micro all-gathers
-      (1.5× the all-reduce's volume at n_micro = 1);
+    - data parallel: the collectives of ``data_parallel_schedule`` on each rank's share of the
+      model, Ψ/(tp·pp) numbers (Ψ = n_params). Plain DP and ZeRO-1 keep full gradients, so they
+      accumulate them locally over the micro-batches (``no_sync``) and reduce once per step: an
+      all-reduce, or (ZeRO-1) a reduce-scatter plus an all-gather of the updated parameters, the
+      same volume. ZeRO-2 and ZeRO-3 keep only a shard of the gradients, so (as DeepSpeed does)
+      they reduce-scatter after every micro-batch's backward; ZeRO-3 keeps only a shard of the
+      parameters too and all-gathers them for every micro-batch's forward and backward;
     - tensor parallel: 4 all-reduces per layer per micro-batch (2 forward, 2 backward) of
       one activation (micro_batch, seq_len, d_model);
     - pipeline: each micro-batch's activation forward and its gradient backward across
@@ -117,13 +139,8 @@ def step_communication(n_params: float, layout: Layout, *, d_model: int, n_layer
     L = layout
     shard_bytes = n_params / (L.tp * L.pp) * grad_bytes
     dp_bw = intra_node_Bps if L.world_size <= L.gpus_per_node else inter_node_Bps
-    if L.zero_stage == 0:
-        dp = ring_seconds("all_reduce", shard_bytes, L.dp, dp_bw, latency_s)
-    else:
-        # ZeRO-1/2: one all-gather of the updated parameters; ZeRO-3: one for each micro-batch's forward and backward
-        gathers = 2 * n_micro if L.zero_stage == 3 else 1
-        dp = ring_seconds("reduce_scatter", shard_bytes, L.dp, dp_bw, latency_s) + \
-            gathers * ring_seconds("all_gather", shard_bytes, L.dp, dp_bw, latency_s)
+    dp = sum(count * ring_seconds(op, shard_bytes, L.dp, dp_bw, latency_s)
+             for op, count in data_parallel_schedule(L.zero_stage, n_micro).items())
     act = micro_batch * seq_len * d_model * act_bytes
     layers_per_stage = n_layers / L.pp
     # every block's 4 all-reduces are separate messages: each pays the ring's latency
