@@ -72,19 +72,22 @@ def run_op(op: str, n: int, rank: int, world: int, device: torch.device) -> tupl
     raise ValueError(f"unknown collective {op!r}; choose among {', '.join(RING_OPS)}")
 
 
-def time_sizes(op: str, ns: list[int], world: int, device: torch.device, iters: int, warmup: int = 3) -> dict[int, list[float]]:
-    """Seconds of each of ``iters`` timed calls per size in ``ns``, after ``warmup`` untimed rounds (inputs
-    allocated outside the timed region; rank 0's clock; every call starts after a barrier). The sizes take
-    turns call by call (the order reversed every other round), so a burst of load from other programs slows
-    every size alike."""
+def time_calls(ops: list[str], ns: list[int], world: int, device: torch.device, iters: int, warmup: int = 3
+               ) -> dict[tuple[str, int], list[float]]:
+    """Seconds of each of ``iters`` timed calls per (op, size), after ``warmup`` untimed rounds (inputs
+    allocated outside the timed region; rank 0's clock; every call starts after a barrier). Every op and
+    size takes its turn call by call (the order reversed every other round), so a burst of load from other
+    programs slows every op and size alike instead of whichever was being timed then."""
     if iters < 1 or warmup < 0:
         raise ValueError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
-    bufs = {n: (torch.ones(n, device=device),
-                torch.empty(n * world if op == "all_gather" else max(n // world, 1), device=device)) for n in ns}
-    times: dict[int, list[float]] = {n: [] for n in ns}
+    bufs = {(op, n): (torch.ones(n, device=device),
+                      torch.empty(n * world if op == "all_gather" else max(n // world, 1), device=device))
+            for op in ops for n in ns}
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in bufs}
+    order = list(bufs)
     for i in range(warmup + iters):
-        for n in (ns if i % 2 == 0 else ns[::-1]):
-            x, out = bufs[n]
+        for op, n in (order if i % 2 == 0 else order[::-1]):
+            x, out = bufs[(op, n)]
             dist.barrier()
             wait_for_device(device)
             t0 = time.perf_counter()
@@ -96,7 +99,7 @@ def time_sizes(op: str, ns: list[int], world: int, device: torch.device, iters: 
                 _reduce_scatter(out, x)
             wait_for_device(device)
             if i >= warmup:
-                times[n].append(time.perf_counter() - t0)
+                times[(op, n)].append(time.perf_counter() - t0)
     return times
 
 
@@ -152,10 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     for size in sizes:
         n = max(size // 4, p)
         ns.append(n - n % p)
+    timed = time_calls(ops, ns, p, ctx.device, args.iters, args.warmup)
     for op in ops:
-        timed = time_sizes(op, ns, p, ctx.device, args.iters, args.warmup)
         for n in ns:
-            times = sorted(timed[n])
+            times = sorted(timed[(op, n)])
             seconds = times[len(times) // 2]
             algbw = n * 4 * (p if op == "all_gather" else 1) / seconds  # S / T, S the all-gather's output, else the input
             sent = count_bytes_sent(op, n, p, ctx.device, args.count_calls)
