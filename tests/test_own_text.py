@@ -1,4 +1,5 @@
-"""Your own text: the validation split by document, and one rule for relative paths (the working directory)."""
+"""Your own text: the validation split by document, one rule for relative paths (the working directory), and
+the config editing notebook 7.0 does."""
 from __future__ import annotations
 
 import hashlib
@@ -6,13 +7,14 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from pretrain_lib.capstone import run
 from pretrain_lib.capstone.cli import build_parser
-from pretrain_lib.capstone.config import COURSE_DATA_CACHE, config_from_dict, load_config, resolve_path
+from pretrain_lib.capstone.config import COURSE_DATA_CACHE, config_from_dict, edit_toml, load_config, resolve_path
 from pretrain_lib.capstone.data import (choose_validation_documents, data_fingerprint, prepare_data,
                                         validation_batches)
 from pretrain_lib.data.clean import clean_documents
@@ -200,3 +202,22 @@ def test_the_command_line_reads_every_relative_path_from_where_it_runs(tmp_path)
     missing = subprocess.run([sys.executable, "-m", "pretrain_lib.train", "--config", "configs/gpt-char-tiny.toml"],
                              cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "relative paths are read from the working directory" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- editing a copy of a config (7.0)
+
+def test_edit_toml_changes_the_named_lines_keeps_the_rest_and_parses_to_the_updated_table():
+    original = (REPO / "configs" / "gpt-bpe-small.toml").read_text()
+    changes = {"out_dir": "runs/mine", "data.corpus": "folder", "data.folder": 'my "texts"', "train.steps": 300,
+               "train.lr": 2e-3, "train.tensorboard": False, "checkpoint.every": 300, "extra.names": ["a", 1]}
+    edited = edit_toml(original, changes, note="changed")
+    expected = tomllib.loads(original)          # the reference: the parsed file, updated as a dict
+    for dotted, value in changes.items():
+        section, _, key = dotted.rpartition(".")
+        (expected.setdefault(section, {}) if section else expected)[key] = value
+    assert tomllib.loads(edited) == expected
+    kept = [ln for ln in original.splitlines() if ln.startswith("#") or not ln.strip()]
+    assert all(ln in edited.splitlines() for ln in kept), "comments and blank lines stay"
+    assert edited.count("# changed") == len(changes)
+    table = {k: v for k, v in tomllib.loads(edited).items() if k != "extra"}   # [extra] is not a config section
+    assert config_from_dict(table).train.steps == 300

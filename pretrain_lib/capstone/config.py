@@ -20,7 +20,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -339,6 +341,59 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     return config_from_dict(table, overrides)
+
+
+def toml_value(value: Any) -> str:
+    """One value written as TOML: strings quoted (JSON's escapes are TOML's), booleans lower case, lists bracketed."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r} ({type(value).__name__})")
+
+
+def edit_toml(text: str, changes: dict[str, Any], *, note: str = "") -> str:
+    """A config file's ``text`` with ``changes`` (``{"data.corpus": "folder", "out_dir": "runs/x"}``) made the
+    way a person edits a copy: a key's line gets its new value, a key the file lacks is added at the end of its
+    section (a missing section at the end of the file), and every other line, comments included, stays.
+    ``note``: a comment put after each changed line."""
+    pending: dict[str, dict[str, Any]] = {}
+    for dotted, value in changes.items():
+        section, _, key = dotted.rpartition(".")
+        pending.setdefault(section, {})[key] = value
+    out: list[str] = []
+    section = ""
+
+    def line_of(key: str, value: Any) -> str:
+        return f"{key} = {toml_value(value)}" + (f"   # {note}" if note else "")
+
+    def close(name: str) -> None:   # the keys of section ``name`` that no line held, before its trailing blanks
+        end = len(out)
+        while end and not out[end - 1].strip():
+            end -= 1
+        out[end:end] = [line_of(k, v) for k, v in pending.pop(name, {}).items()]
+
+    for line in text.splitlines():
+        header = re.match(r"^\s*\[([A-Za-z0-9_]+)\]\s*(#.*)?$", line)
+        if header:
+            close(section)
+            section = header.group(1)
+        else:
+            m = re.match(r"^(\s*)([A-Za-z0-9_]+)(\s*=)", line)
+            if m and m.group(2) in pending.get(section, {}):
+                line = m.group(1) + line_of(m.group(2), pending[section].pop(m.group(2)))
+        out.append(line)
+    close(section)
+    for name in list(pending):
+        if not name:
+            out[:0] = [line_of(k, v) for k, v in pending.pop(name).items()]
+        else:
+            out += ["", f"[{name}]"] + [line_of(k, v) for k, v in pending.pop(name).items()]
+    return "\n".join(out) + "\n"
 
 
 def schedule_warnings(config: RunConfig) -> list[str]:
