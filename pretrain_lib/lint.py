@@ -157,7 +157,7 @@ def check_chapter_notebook(path: Path) -> list[Problem]:
     shows = [cells.index(c) for c, t in trees if t is not None and _show_in_loop(t)]
     if shows:
         problems.append(Problem(path, "show-in-loop", f"plt.show() inside a loop in cells {shows[:5]}"))
-    return problems
+    return problems + _check_ids(path, cells)
 
 
 def _check_ids(path: Path, cells: list[dict]) -> list[Problem]:

@@ -80,6 +80,7 @@ CHAPTER_BREAKS = {
     "outputs": lambda c: _set(c, 2, outputs=[{"output_type": "stream", "name": "stdout", "text": "1\n"}]),
     "closing": lambda c: _set(c, 3, source="print('done')"),
     "show-in-loop": lambda c: _set(c, 2, source="for i in range(3):\n    plot(i)\n    plt.show()"),
+    "cell-ids": lambda c: c[2].pop("id"),  # a cell added by a script that forgot nbformat 4.5's id
 }
 
 
