@@ -16,6 +16,8 @@ position MLM pretraining trains) or the mean over the real tokens.
 - :func:`fine_tune` trains through ``pretrain_lib.train.train`` with :func:`classification_objective`
   (cross-entropy over the examples of a batch) and scores a held-out split through the engine's
   ``eval_fn``.
+- :func:`sparse_mlm_objective` pretrains the encoder cheaply: ``train.mlm_objective``'s masks and loss,
+  with the MLM head's projection onto the vocabulary run at the masked positions only.
 """
 from __future__ import annotations
 
