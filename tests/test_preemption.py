@@ -58,12 +58,26 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {ln["step"]: ln["loss"] for ln in lines if "loss" in ln}
 
 
-def signal_after(proc: subprocess.Popen, metrics: Path, lines: int, sig: int, *, group: bool = False) -> None:
-    """Send ``sig`` once ``lines`` lines are logged: to the process, or (``group``) to it and its loader
+def _logged_step(metrics: Path) -> int:
+    """The highest training step in ``metrics.jsonl`` so far (evaluation lines repeat a step; a line being
+    written may be incomplete)."""
+    if not metrics.is_file():
+        return 0
+    steps = [0]
+    for line in metrics.read_text().splitlines():
+        try:
+            steps.append(int(json.loads(line).get("step", 0)))
+        except ValueError:
+            break
+    return max(steps)
+
+
+def signal_after(proc: subprocess.Popen, metrics: Path, step: int, sig: int, *, group: bool = False) -> None:
+    """Send ``sig`` once training step ``step`` is logged: to the process, or (``group``) to it and its loader
     workers at once, as a scheduler signals every process of a job."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.is_file() and sum(1 for _ in metrics.open()) >= lines:
+        if _logged_step(metrics) >= step:
             os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
             return
         time.sleep(0.002)
