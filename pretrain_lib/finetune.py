@@ -16,8 +16,8 @@ position MLM pretraining trains) or the mean over the real tokens.
 - :func:`fine_tune` trains through ``pretrain_lib.train.train`` with :func:`classification_objective`
   (cross-entropy over the examples of a batch) and scores a held-out split through the engine's
   ``eval_fn``.
-- :func:`sparse_mlm_objective` pretrains the encoder cheaply: ``train.mlm_objective``'s masks and loss,
-  with the MLM head's projection onto the vocabulary run at the masked positions only.
+- The encoder is pretrained cheaply with ``train.sparse_mlm_objective`` (``mlm_objective``'s masks and loss,
+  the MLM head's projection onto the vocabulary run at the masked positions only).
 """
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .model import MaskedLM, ModelConfig, TransformerBackbone, seeded_model
-from .objectives import IGNORE_INDEX, mask_tokens
-from .train import Batch, Objective, TrainHistory, train
+from .train import Batch, Objective, TrainHistory, sparse_mlm_objective, train  # noqa: F401 (re-exported)
 
 WORD = re.compile(r"[A-Za-z']+")   # a word of the plays: letters and apostrophes ("o'er", "you'll")
 
@@ -251,32 +250,6 @@ def classifier_from(encoder: MaskedLM | None, config: ModelConfig, *, seed: int,
     torch.manual_seed(seed)
     return SequenceClassifier(backbone, n_classes, dropout=dropout, pool_token_id=pool_token_id)
 
-
-# ----------------------------------------------------------------------------- pretraining, cheaply
-
-def sparse_mlm_objective(*, mask_token_id: int, vocab_size: int, special_token_ids: Sequence[int],
-                         mlm_probability: float = 0.15, generator: torch.Generator | None = None) -> Objective:
-    """``train.mlm_objective`` with the MLM head run at the masked positions only.
-
-    The same masks (``objectives.mask_tokens``, the same generator draws) and the same loss, the mean
-    cross-entropy over the masked tokens; but the head's projection onto the vocabulary, most of a small
-    encoder's compute, is done for the 15 % of positions that carry a label instead of all of them
-    ("sparse prediction", Geiping & Goldstein 2022). ``model`` must be a ``MaskedLM``."""
-
-    def objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, labels = mask_tokens(batch["input_ids"], mask_token_id=mask_token_id, vocab_size=vocab_size,
-                                     special_token_ids=special_token_ids, mlm_probability=mlm_probability,
-                                     generator=generator)
-        lm = model.module if hasattr(model, "module") else model     # a DDP wrapper
-        hidden = lm.backbone(inputs, batch.get("attention_mask"))
-        chosen = labels != IGNORE_INDEX
-        h = lm.head_ln(F.gelu(lm.head_dense(hidden[chosen])))          # MaskedLM.forward's head, on (n_masked, d)
-        logits = h @ lm.backbone.tok_emb.weight.T + lm.head_bias
-        n = chosen.sum()
-        loss = F.cross_entropy(logits.float(), labels[chosen], reduction="sum") / n.clamp(min=1)
-        return loss, n
-
-    return objective
 
 
 # ----------------------------------------------------------------------------- training through the engine

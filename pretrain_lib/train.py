@@ -59,6 +59,31 @@ def mlm_objective(*, mask_token_id: int, vocab_size: int, special_token_ids: Seq
     return objective
 
 
+def sparse_mlm_objective(*, mask_token_id: int, vocab_size: int, special_token_ids: Sequence[int],
+                         mlm_probability: float = 0.15, generator: torch.Generator | None = None) -> Objective:
+    """``train.mlm_objective`` with the MLM head run at the masked positions only.
+
+    The same masks (``objectives.mask_tokens``, the same generator draws) and the same loss, the mean
+    cross-entropy over the masked tokens; but the head's projection onto the vocabulary, most of a small
+    encoder's compute, is done for the 15 % of positions that carry a label instead of all of them
+    ("sparse prediction", Geiping & Goldstein 2022). ``model`` must be a ``MaskedLM``."""
+
+    def objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = mask_tokens(batch["input_ids"], mask_token_id=mask_token_id, vocab_size=vocab_size,
+                                     special_token_ids=special_token_ids, mlm_probability=mlm_probability,
+                                     generator=generator)
+        lm = _unwrap(model)     # under DDP or torch.compile, the MaskedLM inside
+        hidden = lm.backbone(inputs, batch.get("attention_mask"))
+        chosen = labels != IGNORE_INDEX
+        h = lm.head_ln(torch.nn.functional.gelu(lm.head_dense(hidden[chosen])))          # MaskedLM.forward's head, on (n_masked, d)
+        logits = h @ lm.backbone.tok_emb.weight.T + lm.head_bias
+        n = chosen.sum()
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels[chosen], reduction="sum") / n.clamp(min=1)
+        return loss, n
+
+    return objective
+
+
 # ----------------------------------------------------------------------------- one step
 
 class StepResult(tuple):
