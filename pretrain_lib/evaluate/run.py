@@ -51,10 +51,13 @@ def evaluate_run(run: LoadedRun | str | Path, *, max_windows: int | None = None,
     items = read_items(items_path)
     train_ids = read_all_tokens(run.data.train_index)
     held_out = held_out_report(items, run.tokenizer, train_ids, read_all_tokens(run.data.val_index))
-    if held_out["in_training"] or held_out["in_validation"] < len(items):
-        log(f"warning: of {len(items)} benchmark items, {held_out['in_training']} occur in this run's training text "
-            f"and {len(items) - held_out['in_validation']} are not in its validation text; the items come from the "
-            "last Shakespeare plays, so the accuracy is not a held-out score for this corpus or split")
+    if held_out["in_training"]:
+        log(f"warning: {held_out['in_training']} of {len(items)} benchmark items occur in this run's training text, "
+            "so the accuracy is not a held-out score for this run")
+    elif held_out["in_validation"] < len(items):
+        log(f"note: none of the {len(items)} benchmark items occurs in this run's training text, so the score is held "
+            f"out; {len(items) - held_out['in_validation']} are not in its validation text either (the items are "
+            "Shakespeare's last plays, which may differ in kind from this run's corpus)")
     try:
         lls = scoring.choice_loglikelihoods(run.model, run.tokenizer, items, window=run.model.config.max_seq_len)
     except scoring.WindowTooShort as exc:
