@@ -25,7 +25,7 @@ $(LAB_OVERRIDES): | $(STAMP)
 
 ## make run: execute every chapter notebook headlessly into build/ and print a table
 run: setup
-	$(PY) -m pretrain_lib.notebooks
+	$(PY) -m pretrain_lib.notebooks --jobs $(JOBS)
 
 ## make test: the whole test suite (library, notebooks, exercises, grading, distributed).
 ## --dist loadgroup: tests marked xdist_group(name) share one worker; nbval runs in subprocesses.

@@ -3,11 +3,20 @@
 Each chapter notebook runs in its own folder (so relative paths behave as in Jupyter),
 its executed copy goes to ``build/chapters/<chapter>/<name>.ipynb`` and its figures to
 ``build/figures/<chapter>/<name>/``. A table of notebook, seconds and status is printed.
+
+With ``--jobs 2`` (what ``make run`` uses) two notebooks run at once, each kernel on one thread
+(``OMP_NUM_THREADS=1``): the course's small models keep about one core busy even when torch
+may use two, so two one-thread kernels finish the course in little more than half the time.
+A notebook whose claims compare wall-clock times (a speed-up, a bandwidth, a copy cost)
+declares ``"runs_alone"`` with its reason in its metadata (``metadata.course.runs_alone``);
+those run first, one at a time, on an otherwise idle machine with the default threads.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -36,6 +45,43 @@ def chapter_notebooks(chapters_dir: Path = REPO_ROOT / "chapters") -> list[Path]
     """Every chapter notebook in course order."""
     return sorted(p for p in chapters_dir.glob("[0-9][0-9]_*/[0-9][0-9]_*.ipynb")
                   if ".ipynb_checkpoints" not in p.parts)
+
+
+def runs_alone(path: Path) -> str:
+    """Why a notebook needs the machine to itself (its ``metadata.course.runs_alone``), or ``""``."""
+    try:
+        meta = json.loads(Path(path).read_text(encoding="utf-8")).get("metadata", {})
+    except (OSError, ValueError):
+        return ""   # papermill reports a notebook it cannot read; the scheduler need not
+    return str(meta.get("course", {}).get("runs_alone", ""))
+
+
+def _one_thread_per_kernel() -> None:
+    """Worker start-up: kernels started from here (they inherit the environment) use one thread."""
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def run_all(paths: list[Path], *, jobs: int = 1, parameters: dict | None = None, on_done=None,
+            **execute_options) -> list[NotebookRun]:
+    """Execute ``paths`` and return their runs in the same order: one at a time, or ``jobs`` at once
+    after the notebooks that declare ``runs_alone`` have run, each alone. ``parameters`` maps a
+    notebook's stem to its overrides; ``on_done(run)`` is called as each notebook finishes."""
+    parameters, on_done = parameters or {}, on_done or (lambda run: None)
+    results: dict[Path, NotebookRun] = {}
+    for p in paths:
+        if jobs == 1 or runs_alone(p):
+            results[p] = execute_notebook(p, parameters=parameters.get(Path(p).stem), **execute_options)
+            on_done(results[p])
+    shared = [p for p in paths if p not in results]
+    if shared:
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=_one_thread_per_kernel,
+                                                    mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(execute_notebook, p, parameters=parameters.get(Path(p).stem), **execute_options): p
+                       for p in shared}
+            for future in concurrent.futures.as_completed(futures):
+                results[futures[future]] = future.result()
+                on_done(results[futures[future]])
+    return [results[p] for p in paths]
 
 
 def display_path(path: Path) -> str:
@@ -112,7 +158,7 @@ def progress_line(run: NotebookRun, width: int = 0) -> str:
     return line + (f": {run.reason}" if run.reason else "")
 
 
-def print_table(runs: list[NotebookRun], file=None) -> None:
+def print_table(runs: list[NotebookRun], file=None, wall_s: float | None = None) -> None:
     file = file or sys.stdout  # looked up per call: a caller (or a test) may have replaced sys.stdout
     width = max([len(r.notebook) for r in runs] + [8])
     print(f"\n{'notebook':<{width}}  {'seconds':>9}  status", file=file)
@@ -122,7 +168,8 @@ def print_table(runs: list[NotebookRun], file=None) -> None:
     total = sum(r.seconds for r in runs)
     failed = sum(not r.ok for r in runs)
     print("-" * (width + 20), file=file)
-    print(f"{len(runs)} notebook(s), {total:.0f} s, {failed} failed", file=file)
+    wall = f" ({wall_s:.0f} s of wall time, notebooks in parallel)" if wall_s is not None else ""
+    print(f"{len(runs)} notebook(s), {total:.0f} s{wall}, {failed} failed", file=file)
 
 
 def _read_params(parser: argparse.ArgumentParser, file: str | None) -> dict:
@@ -148,22 +195,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--build-dir", default=str(REPO_ROOT / "build"))
     parser.add_argument("--params", help="JSON file {notebook_stem: {param: value}} of parameter overrides")
     parser.add_argument("--timeout", type=int, default=1800, help="per-cell time limit in seconds")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="notebooks run at once, one thread each (notebooks that declare runs_alone run "
+                             "first, one at a time); make run uses 2")
     args = parser.parse_args(argv)
     paths = [Path(p) for p in args.notebooks] or chapter_notebooks()
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         parser.error(f"no such notebook(s): {', '.join(missing)}")
     overrides = _read_params(parser, args.params)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     width = max(len(display_path(p)) for p in paths)
-    runs = []
     for p in paths:
         if args.params and p.stem not in overrides:
             print(f"({p.stem} has no entry in {args.params}: it runs at its defaults)", flush=True)
-        run = execute_notebook(p, build_dir=Path(args.build_dir), parameters=overrides.get(p.stem),
-                               timeout_s=args.timeout)
-        print(progress_line(run, width), flush=True)
-        runs.append(run)
-    print_table(runs)
+    start = time.perf_counter()
+    runs = run_all(paths, jobs=args.jobs, parameters=overrides, build_dir=Path(args.build_dir),
+                   timeout_s=args.timeout, on_done=lambda run: print(progress_line(run, width), flush=True))
+    wall = time.perf_counter() - start
+    print_table(runs, wall_s=wall if args.jobs > 1 else None)
     for r in runs:
         if not r.ok:
             print(f"\n{r.notebook} failed:\n{r.error}", file=sys.stderr)

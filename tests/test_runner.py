@@ -71,3 +71,35 @@ def test_a_bad_params_file_is_one_sentence(tmp_path, capsys, content, message):
     with pytest.raises(SystemExit) as exit_info:
         notebooks.main([str(nb), "--params", str(params)])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_two_jobs_give_one_thread_kernels_and_a_runs_alone_notebook_the_machine_to_itself(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    log = tmp_path / "log"
+    log.mkdir()
+    record = ("import json, os, pathlib, time\n"
+              "start = time.time(); time.sleep(1)\n"
+              "pathlib.Path(log, name).write_text(json.dumps([start, time.time(), os.environ.get('OMP_NUM_THREADS')]))")
+    names = ["a", "alone", "b"]
+    paths = [_notebook(tmp_path, f"0{i}_{n}.ipynb", record, parameters=f"log = {str(log)!r}\nname = {n!r}")
+             for i, n in enumerate(names, 1)]
+    marked = nbformat.read(paths[1], as_version=4)
+    marked.metadata["course"] = {"runs_alone": "it times something"}
+    nbformat.write(marked, paths[1])
+    assert notebooks.runs_alone(paths[1]) == "it times something" and notebooks.runs_alone(paths[0]) == ""
+
+    finished = []
+    runs = notebooks.run_all(paths, jobs=2, build_dir=tmp_path / "build", on_done=lambda r: finished.append(r.notebook))
+    assert [r.ok for r in runs] == [True] * 3, [r.error for r in runs]
+    assert [r.notebook for r in runs] == [display_path(p) for p in paths]     # course order, whatever finished first
+    assert finished[0] == display_path(paths[1])
+    seen = {n: json.loads((log / n).read_text()) for n in names}
+    assert seen["a"][2] == seen["b"][2] == "1" and seen["alone"][2] is None   # alone: the default threads
+    assert seen["alone"][1] <= min(seen["a"][0], seen["b"][0])                  # nothing ran beside it
+
+
+def test_jobs_below_one_is_refused(tmp_path, capsys):
+    nb = _notebook(tmp_path, "05_never_run.ipynb")
+    with pytest.raises(SystemExit) as exit_info:
+        notebooks.main([str(nb), "--jobs", "0"])
+    assert exit_info.value.code == 2 and "--jobs must be at least 1" in capsys.readouterr().err
