@@ -9,5 +9,6 @@ chapter module (``data_parallel``, ``zero``, ``tensor_parallel``, ``pipeline_par
 write ``metrics.json`` in one schema (``metrics``). ``process_group`` joins and leaves the
 group; ``arguments``, ``faults`` and ``errors`` are the modules' command line, failure
 injection and traceback hand-off. ``comm_model`` estimates communication time per step;
-``exercise_check`` grades the chapter's exercise on 2 ranks.
+``exercise_check`` grades the chapter's exercise on 2 ranks. Chapter 9.2: ``context_parallel`` (ring
+attention over a sequence split across ranks) and its runner ``context_parallel_run``.
 """

@@ -8,7 +8,9 @@ engine's ``train_step`` trains; none of them contains a training loop:
   with a bf16 ``MixedPrecisionPolicy``;
 - :func:`apply_zero1`: shard Adam's state over the ranks (an optimiser wrapper, under DDP);
 - :func:`apply_tensor_parallel` (in :mod:`.tensor_parallel_layers`): Megatron-style column/row splits;
-- :func:`pipeline_stage` (in :mod:`.pipeline_stages`): this rank's contiguous stage of the GPT.
+- :func:`pipeline_stage` (in :mod:`.pipeline_stages`): this rank's contiguous stage of the GPT;
+- :func:`apply_context_parallel` (in :mod:`.context_parallel`): ring attention over this rank's shard
+  of the sequence (chapter 9.2).
 
 Under data parallelism pass ``dp_group=True`` to ``train_step``: it all-reduces the loss and
 the target-token count together and rescales the averaged gradients, so the step equals one
@@ -23,12 +25,13 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..optim import param_groups
+from .context_parallel import apply_context_parallel
 from .pipeline_stages import pipeline_stage
 from .process_group import DistContext
 from .tensor_parallel_layers import apply_tensor_parallel
 
-__all__ = ["apply_ddp", "apply_fsdp", "apply_tensor_parallel", "apply_zero1", "bf16_mixed_precision",
-           "pipeline_stage"]
+__all__ = ["apply_context_parallel", "apply_ddp", "apply_fsdp", "apply_tensor_parallel", "apply_zero1",
+           "bf16_mixed_precision", "pipeline_stage"]
 
 
 def apply_ddp(model: nn.Module, ctx: DistContext, *, comm_hook: tuple[object, Callable] | None = None
