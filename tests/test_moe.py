@@ -1,0 +1,173 @@
+"""Chapter 9.3: the mixture-of-experts layer against by-hand references, and expert parallelism
+(under torchrun) against one process."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pretrain_lib.data.synthetic import arithmetic_batch
+from pretrain_lib.model import GPT, ModelConfig, seeded_model
+from pretrain_lib.moe import MoEFeedForward, balance_loss, capacity, expert_load, moe_layers, route
+from pretrain_lib.optim import build_optimizer
+from pretrain_lib.objectives import clm_loss
+from pretrain_lib.train import clm_objective, train_step
+
+SMALL = dict(vocab_size=32, d_model=16, n_heads=2, n_layers=2, max_seq_len=16)
+
+
+def _softmax(row):
+    e = [math.exp(v) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def test_router_top_k_and_gates_by_hand():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.5, -1.0, 0.0, 2.0]])
+    r = route(logits, 2)
+    assert r.experts.tolist() == [[1, 2], [3, 0]]
+    for t, (a, b) in enumerate(r.experts.tolist()):
+        p = _softmax(logits[t].tolist())
+        assert r.gates[t].tolist() == pytest.approx([p[a] / (p[a] + p[b]), p[b] / (p[a] + p[b])], abs=1e-6)
+        assert r.probs[t].tolist() == pytest.approx(p, abs=1e-6)
+    one = route(logits, 1)   # k = 1 (Switch): the raw probability, not 1
+    assert one.experts.tolist() == [[1], [3]]
+    assert one.gates[:, 0].tolist() == pytest.approx([_softmax(logits[0].tolist())[1],
+                                                      _softmax(logits[1].tolist())[3]], abs=1e-6)
+    assert bool(one.keep.all())
+    # a bias changes which expert is chosen, never the gate: token 0 now picks expert 2 at p_2
+    biased = route(logits, 1, bias=torch.tensor([0.0, -1.0, 0.0, 0.0]))
+    assert biased.experts.tolist() == [[2], [3]]
+    assert biased.gates[0, 0].item() == pytest.approx(_softmax(logits[0].tolist())[2], abs=1e-6)
+    with pytest.raises(ValueError, match="top_k"):
+        route(logits, 5)
+
+
+def _layer(n_experts=4, top_k=2, n_shared=1, **kw) -> MoEFeedForward:
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 8))  # noqa: E731
+    return MoEFeedForward(8, n_experts, top_k, make, n_shared=n_shared, **kw)
+
+
+def test_layer_equals_a_loop_over_tokens():
+    layer = _layer()
+    x = torch.randn(2, 5, 8)
+    y = layer(x)
+    flat = x.reshape(-1, 8)
+    for t in range(flat.size(0)):   # each token: softmax, its top 2, renormalised gates, plus the shared expert
+        p = torch.softmax(layer.router.weight @ flat[t], dim=0)
+        top = sorted(range(4), key=lambda e: -p[e].item())[:2]
+        expected = layer.shared[0](flat[t])
+        for e in top:
+            expected = expected + p[e] / (p[top[0]] + p[top[1]]) * layer.experts[str(e)](flat[t])
+        torch.testing.assert_close(y.reshape(-1, 8)[t], expected, rtol=0, atol=1e-6)
+    assert layer.load.sum().item() == 10 * 2 and layer.dropped.item() == 0
+    assert expert_load(nn.Sequential(layer)).sum().item() == pytest.approx(1.0)
+
+
+def test_capacity_drops_worked_by_hand():
+    # 6 tokens, 2 experts, k = 1, c = 1: C = ceil(1 · 6 · 1 / 2) = 3; five tokens want expert 0 -> 2 dropped
+    logits = torch.tensor([[2.0, 0.0]] * 5 + [[0.0, 2.0]])
+    r = route(logits, 1, capacity_factor=1.0)
+    assert capacity(1.0, 6, 1, 2) == 3
+    assert r.keep[:, 0].tolist() == [True, True, True, False, False, True]
+    # first choices of every token come before any second choice (GShard's priority), not token order:
+    # 4 tokens, 2 experts, k = 2, c = 0.5 -> C = ceil(0.5 · 4 · 2 / 2) = 2 per expert. First choices are
+    # e0, e1, e1, e0: each expert's two places go to its two first choices, and every second choice drops.
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.0, 2.0], [2.0, 0.0]])
+    r = route(logits, 2, capacity_factor=0.5)
+    assert r.experts[:, 0].tolist() == [0, 1, 1, 0]
+    assert r.keep.tolist() == [[True, False]] * 4
+    # in the layer: a token with every assignment dropped gets 0 (the residual carries it on)
+    layer = _layer(n_experts=2, top_k=1, n_shared=0, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 1.0              # logit of expert 0 = x[0]
+    x = torch.randn(1, 6, 8)
+    x[0, :, 0] = torch.tensor([5.0, 5.0, 5.0, 5.0, 5.0, -5.0])
+    y = layer(x)
+    assert layer.dropped.item() == 2
+    assert y[0, 3].abs().max().item() == 0 and y[0, 4].abs().max().item() == 0 and y[0, 2].abs().max().item() > 0
+
+
+def test_balance_loss_is_one_when_uniform_and_n_when_collapsed():
+    E = 4
+    uniform = balance_loss(torch.full((E, E), 1 / E), torch.arange(E)[:, None])  # f = P = 1/E: E · E · 1/E² = 1
+    assert uniform.item() == pytest.approx(1.0, abs=1e-6)
+    collapsed = balance_loss(torch.eye(E)[[0] * 8], torch.zeros(8, 1, dtype=torch.long))  # f_0 = P_0 = 1: E
+    assert collapsed.item() == pytest.approx(E, abs=1e-6)
+    # in between, by hand: E = 2, both tokens to expert 0, P̄ = (0.7, 0.3): 2 · (1 · 0.7 + 0 · 0.3) = 1.4
+    mid = balance_loss(torch.tensor([[0.8, 0.2], [0.6, 0.4]]), torch.tensor([[0], [0]]))
+    assert mid.item() == pytest.approx(1.4, abs=1e-6)
+
+
+def test_bias_update_by_hand_and_toward_uniform():
+    layer = _layer(n_experts=4, top_k=1, n_shared=0, bias_rate=0.01)
+    layer.step_load.copy_(torch.tensor([3.0, 1.0, 0.0, 0.0]))      # mean 1: sign(1 - load) = (-1, 0, +1, +1)
+    layer.update_bias()
+    assert layer.bias.tolist() == pytest.approx([-0.01, 0.0, 0.01, 0.01])
+    assert layer.step_load.sum().item() == 0
+    # a router skewed toward expert 0; the weights stay fixed, only the bias moves
+    layer.bias.zero_()
+    with torch.no_grad():
+        layer.router.weight.mul_(3.0)
+        layer.router.weight[0] += 1.5
+    x = torch.randn(1, 256, 8, generator=torch.Generator().manual_seed(1))
+    spread = []                                  # the busiest expert's load over the mean load
+    for _ in range(60):
+        layer(x)
+        spread.append((layer.load.max() / layer.load.mean()).item())
+        layer.update_bias()
+    assert spread[0] > 1.5                       # expert 0 takes 40 % of the tokens at the start
+    assert max(spread[-10:]) < 1.1               # within 10 % of uniform after 50 bias steps
+
+
+def _moe_config(**kw) -> ModelConfig:
+    return ModelConfig(**SMALL, moe_experts=4, moe_top_k=2, moe_shared_experts=1, **kw)
+
+
+def test_model_config_moe_options_and_errors():
+    dense = seeded_model(ModelConfig(**SMALL), 0)
+    assert moe_layers(dense) == [] and dense.auxiliary_loss() is None
+    moe = seeded_model(ModelConfig(**SMALL, moe_experts=4, moe_top_k=1), 0)
+    assert len(moe_layers(moe)) == 2
+    # active parameters: the dense model plus one router (E · d) per layer, with k = 1 expert of width d_ff
+    assert moe.matmul_params() == dense.matmul_params() + 2 * 4 * 16
+    assert moe.num_params() == dense.num_params() + 2 * (3 * (2 * 16 * 64 + 64 + 16) + 4 * 16)
+    # expert down projections get the depth-scaled init of the dense MLP's
+    std = moe.backbone.blocks[0].mlp.experts["2"].down.weight.std().item()
+    assert std == pytest.approx(0.02 / math.sqrt(4), rel=0.1)
+    for bad, match in ((dict(moe_experts=1), "moe_experts"), (dict(moe_experts=4, moe_top_k=5), "moe_top_k"),
+                       (dict(moe_experts=4, moe_capacity_factor=-1.0), "moe_capacity_factor")):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig(**SMALL, **bad)
+
+
+def test_auxiliary_loss_reaches_the_engine_and_bias_steps_after_it():
+    ids = arithmetic_batch(0, batch=4, seq_len=16, vocab=32)
+    model = seeded_model(_moe_config(moe_aux_loss_coef=0.5, moe_bias_rate=0.01), 0)
+    by_hand = seeded_model(_moe_config(moe_aux_loss_coef=0.5, moe_bias_rate=0.01), 0)
+    # by hand: backward of cross-entropy + 0.5 · Σ_layers E · Σ f P
+    ce = clm_loss(by_hand(ids), ids)
+    aux = sum(0.5 * balance_loss(m.last_routing.probs, m.last_routing.experts) for m in moe_layers(by_hand))
+    (ce + aux).backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)          # lr 0: the gradients stay to be read
+    result = train_step(model, [{"input_ids": ids}], clm_objective, opt)
+    assert result.loss.item() == pytest.approx(ce.item(), abs=1e-6)   # the reported loss is the objective's
+    for (name, p), q in zip(model.named_parameters(), by_hand.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6, msg=name)
+    for m, h in zip(moe_layers(model), moe_layers(by_hand)):   # the bias moved by sign(mean - load), once
+        torch.testing.assert_close(m.bias, 0.01 * torch.sign(h.load.mean() - h.load), rtol=0, atol=0)
+        assert m.step_load.sum().item() == 0
+
+
+def test_moe_gpt_trains_through_train_step():
+    model = seeded_model(_moe_config(moe_capacity_factor=1.25), 0)
+    assert isinstance(model, GPT)
+    opt = build_optimizer(model, lr=3e-3)
+    losses = [train_step(model, [{"input_ids": arithmetic_batch(s, batch=8, seq_len=16, vocab=32)}],
+                         clm_objective, opt, grad_clip=1.0).loss.item() for s in range(40)]
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+    load = expert_load(model)
+    assert load.shape == (2, 4) and torch.allclose(load.sum(1), torch.ones(2))
