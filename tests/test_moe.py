@@ -171,3 +171,22 @@ def test_moe_gpt_trains_through_train_step():
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
     load = expert_load(model)
     assert load.shape == (2, 4) and torch.allclose(load.sum(1), torch.ones(2))
+
+
+@pytest.mark.xdist_group("torchrun")
+@pytest.mark.distributed
+def test_expert_parallel_equals_one_process_and_bytes_match_formula(tmp_path):
+    from pretrain_lib.distributed.launch import run_torchrun
+    args = ["--steps", "3", "--batch", "4", "--seq-len", "16", "--vocab", "32", "--d-model", "32", "--n-layers", "2",
+            "--experts", "4", "--top-k", "2", "--capacity-factor", "1.0", "--shared", "1"]
+    m = run_torchrun("pretrain_lib.distributed.expert_parallel", args=args, run_dir=tmp_path, stream=False).metrics
+    assert m["world_size"] == 2 and m["experts_per_rank"] == 2
+    assert m["logits_max_abs_diff"] <= 1e-5 and m["grad_max_abs_diff"] <= 1e-5
+    assert m["max_abs_diff_vs_single"] <= 1e-5          # weights and router biases after 3 AdamW steps
+    assert m["losses"] == pytest.approx(m["reference_losses"], abs=1e-5)
+    for rank in m["bytes_per_step"]:                    # bytes each rank sent = the formula on the routing
+        assert rank["measured"] == rank["predicted"]
+    # balanced routing: a rank's 32 tokens × k = 2 make 64 assignments, half to the other rank (S = R = 32):
+    # 2 layers × (8 B × 2 counts + 2 · (32 + 32) · 32 values · 4 B) = 32 800 B per rank and step
+    assert m["uniform_routing_bytes_per_step"] == 2 * (8 * 2 + 2 * (32 + 32) * 32 * 4) == 32800
+    assert any(b != 0 for layer in m["router_bias"] for b in layer)   # the bias step ran, equal on both ranks
