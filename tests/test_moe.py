@@ -190,3 +190,72 @@ def test_expert_parallel_equals_one_process_and_bytes_match_formula(tmp_path):
     # 2 layers × (8 B × 2 counts + 2 · (32 + 32) · 32 values · 4 B) = 32 800 B per rank and step
     assert m["uniform_routing_bytes_per_step"] == 2 * (8 * 2 + 2 * (32 + 32) * 32 * 4) == 32800
     assert any(b != 0 for layer in m["router_bias"] for b in layer)   # the bias step ran, equal on both ranks
+
+
+# ----------------------------------------------------------------------------- the capstone trainer
+
+def _moe_run(out_dir, cache_dir, steps: int) -> dict:
+    """A tiny MoE run with both balancing mechanisms, capacity, a shared expert and dropout on."""
+    return {"out_dir": str(out_dir), "seed": 7,
+            "model": {"n_layers": 1, "n_heads": 2, "d_model": 32, "d_ff": 32, "seq_len": 16, "dropout": 0.1,
+                      "moe_experts": 4, "moe_top_k": 2, "moe_capacity_factor": 1.25, "moe_shared_experts": 1,
+                      "moe_aux_loss_coef": 0.01, "moe_bias_rate": 1e-3},
+            "data": {"corpus": "shakespeare", "max_docs": 1, "tokenizer": "char", "cache_dir": str(cache_dir)},
+            "train": {"steps": steps, "batch_size": 4, "schedule": "constant", "warmup_steps": 0, "log_every": 1, "eval_every": 8,
+                      "eval_batches": 2, "sample_tokens": 0, "lr": 3e-3, "tensorboard": False},
+            "checkpoint": {"every": 4, "keep": 2}}
+
+
+def test_capstone_moe_run_resumes_exactly(tmp_path):
+    import json
+    from pretrain_lib.capstone import checkpoint as ckpt
+    from pretrain_lib.capstone import run
+    from pretrain_lib.capstone.config import config_from_dict
+    cache = tmp_path / "data"
+    run(config_from_dict(_moe_run(tmp_path / "whole", cache, 16)), verbose=False)
+    run(config_from_dict(_moe_run(tmp_path / "split", cache, 8)), verbose=False)
+    resumed = run(config_from_dict(_moe_run(tmp_path / "split", cache, 16)), resume=True, verbose=False)
+    assert resumed.start_step == 8
+
+    def losses(folder):
+        return {ln["step"]: ln["loss"] for ln in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if "loss" in ln}
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 16
+    a = ckpt.load_checkpoint(tmp_path / "whole" / "ckpt_00000016.pt")["model"]
+    b = ckpt.load_checkpoint(tmp_path / "split" / "ckpt_00000016.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["backbone.blocks.0.mlp.bias"].abs().sum() > 0      # the router bias moved, and was saved
+
+
+def test_gpt_moe_tiny_config_has_the_active_parameters_of_gpt_char_tiny():
+    from pretrain_lib.capstone.config import ConfigError, config_from_dict, load_config
+    from pretrain_lib.capstone.trainer import run_model
+    from conftest import REPO
+    moe_cfg, dense_cfg = (load_config(REPO / "configs" / f"{n}.toml") for n in ("gpt-moe-tiny", "gpt-char-tiny"))
+    moe, dense = run_model(moe_cfg, 65), run_model(dense_cfg, 65)
+    assert len(moe_layers(moe)) == 4 and moe_layers(moe)[0].n_experts == 8 and moe_layers(moe)[0].top_k == 2
+    # 2 experts of width 256 = one MLP of width 512 in weights; per layer 2 · (256 + 128) - (512 + 128) = 128
+    # more biases and a 8 × 128 router
+    assert moe.matmul_params() == dense.matmul_params() + 4 * (128 + 8 * 128)
+    with pytest.raises(ConfigError, match="moe_top_k"):
+        config_from_dict({"model": {"moe_experts": 4, "moe_top_k": 5}})
+    with pytest.raises(ConfigError, match="expert_parallel"):
+        config_from_dict({"model": {"moe_experts": 4}, "parallel": "ddp"})
+
+
+def test_gpt_moe_tiny_trains_from_the_command_line(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COURSE_HEADLESS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pretrain_lib.train", "--config", "configs/gpt-moe-tiny.toml",
+                           "--set", "train.steps=20", "--set", f'out_dir="{tmp_path / "run"}"',
+                           "--set", "train.sample_tokens=0", "--set", "train.eval_batches=2",
+                           "--set", f'data.cache_dir="{tmp_path / "data"}"', "--set", "data.max_docs=2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines if "loss" in ln] == [10, 20]
+    assert any("val_loss" in ln for ln in lines)
