@@ -259,3 +259,18 @@ def test_gpt_moe_tiny_trains_from_the_command_line(tmp_path):
     lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines if "loss" in ln] == [10, 20]
     assert any("val_loss" in ln for ln in lines)
+
+
+def test_moe_runs_arm_records_loss_and_expert_load():
+    from pretrain_lib.extensions.speedrun import load_speedrun_data
+    from pretrain_lib.moe_runs import run_arm
+    data = load_speedrun_data(corpus_chars=50_000, vocab_size=300, seq_len=32, val_windows=4)
+    base = dict(vocab_size=data.vocab_size, d_model=16, n_heads=2, n_layers=2, max_seq_len=32)
+    common = dict(base_config=base, steps=4, batch_size=4, lr=3e-3, warmup_steps=1, eval_points=2, device="cpu")
+    moe = run_arm(data, "MoE", dict(moe_experts=4, moe_top_k=2, d_ff=32, moe_capacity_factor=1.0), seed=0, **common)
+    dense = run_arm(data, "dense", {}, seed=0, **common)
+    assert moe.eval_steps == dense.eval_steps == [2, 4] and moe.final_windows.shape == (4,)
+    assert len(moe.imbalance) == 4 and all(1.0 <= v <= 4 / 2 for v in moe.imbalance) and dense.imbalance == []
+    # 2 of 4 experts of width 32 = the dense 64-wide MLP's weights; per layer a 4 × 16 router and a second
+    # output bias (2 · (32 + 16) biases against 64 + 16) more
+    assert moe.active_params == dense.active_params + 2 * (4 * 16 + 16) and moe.total_params > dense.total_params
