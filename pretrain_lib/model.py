@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .model_options import (MLPS, NORMS, POSITIONS, GatedMLP, ReLU2MLP, apply_rope, make_norm,
                             prefix_attention_mask, rope_tables, swiglu_hidden)
+from .moe import MoEFeedForward, auxiliary_loss, inactive_expert_params, moe_layers
 
 
 @dataclass
@@ -32,6 +33,14 @@ class ModelConfig:
     mlp: str = "gelu"             # "gelu" | "swiglu" (gated) | "relu2" (squared ReLU)
     position: str = "learned"     # "learned" (a table of positions) | "rope" (rotary, no table)
     qk_norm: bool = False         # RMS-normalise queries and keys per head
+    # Mixture of experts (chapter 9.3, pretrain_lib.moe): 0 experts is the dense MLP. Each expert is
+    # the ``mlp`` kind at width ``d_ff``; a token goes through ``moe_top_k`` of them.
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_capacity_factor: float = 0.0  # 0: no capacity limit (no token dropped)
+    moe_shared_experts: int = 0       # experts every token goes through (DeepSeek-MoE)
+    moe_aux_loss_coef: float = 0.01   # weight of the Switch/GShard balancing loss (0: off)
+    moe_bias_rate: float = 0.0        # DeepSeek-V3 auxiliary-loss-free bias step (0: off; they use 1e-3)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len"):
@@ -54,6 +63,15 @@ class ModelConfig:
             raise ValueError(f"position='rope' rotates pairs of channels: head_dim={self.head_dim} must be even")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.moe_experts:
+            if not isinstance(self.moe_experts, int) or self.moe_experts < 2:
+                raise ValueError(f"ModelConfig.moe_experts must be 0 (dense) or an integer >= 2, got {self.moe_experts!r}")
+            if not isinstance(self.moe_top_k, int) or not 1 <= self.moe_top_k <= self.moe_experts:
+                raise ValueError(f"ModelConfig.moe_top_k must lie in [1, moe_experts={self.moe_experts}], "
+                                 f"got {self.moe_top_k!r}")
+            for name in ("moe_capacity_factor", "moe_shared_experts", "moe_aux_loss_coef", "moe_bias_rate"):
+                if not getattr(self, name) >= 0:
+                    raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
@@ -141,7 +159,16 @@ class Block(nn.Module):
         self.attn = SelfAttention(config)
         self.ln2 = make_norm(config.norm, config.d_model)
         mlp_class = {"gelu": MLP, "swiglu": GatedMLP, "relu2": ReLU2MLP}[config.mlp]
-        self.mlp = MLP(config) if config.mlp == "gelu" else mlp_class(config.d_model, config.d_ff)
+
+        def make_mlp() -> nn.Module:
+            return MLP(config) if config.mlp == "gelu" else mlp_class(config.d_model, config.d_ff)
+        if config.moe_experts:
+            self.mlp = MoEFeedForward(config.d_model, config.moe_experts, config.moe_top_k, make_mlp,
+                                      capacity_factor=config.moe_capacity_factor,
+                                      n_shared=config.moe_shared_experts, aux_loss_coef=config.moe_aux_loss_coef,
+                                      bias_rate=config.moe_bias_rate)
+        else:
+            self.mlp = make_mlp()
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
@@ -189,8 +216,8 @@ def _init_weights(model: nn.Module, n_layers: int) -> None:
         if p.dim() >= 2:
             std = 0.02
             # GPT-2: scale the projections that write into the residual stream so its
-            # variance does not grow with depth.
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            # variance does not grow with depth (an MoE layer's experts: mlp.experts.3.down.weight).
+            if name.endswith(("attn.proj.weight", "down.weight")):
                 std = 0.02 / math.sqrt(2 * n_layers)
             nn.init.normal_(p, mean=0.0, std=std)
         elif name.endswith("bias"):
@@ -217,8 +244,21 @@ class _LanguageModel(nn.Module):
         N also counts the blocks' biases and the LayerNorm gains and biases (final LayerNorm
         included), which do not: 13·d_model of them per block beside 12·d_model² matrix weights,
         under 2 % of N from d_model = 64 on (notebook 6.1 checks the split). Position
-        embeddings are a lookup, not a multiply, so they are left out."""
-        return self.num_params(non_embedding=True) + self.config.vocab_size * self.config.d_model
+        embeddings are a lookup, not a multiply, so they are left out. With mixture-of-experts layers
+        N counts the *active* parameters: a token multiplies by k of the E experts, not all."""
+        return (self.num_params(non_embedding=True) + self.config.vocab_size * self.config.d_model
+                - inactive_expert_params(self))
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A loss the last forward adds to the objective's (the MoE balancing loss), or None. The
+        engine's ``default_forward_backward`` calls this after each micro-batch's objective."""
+        return auxiliary_loss(self)
+
+    def after_optimizer_step(self, all_reduce=None) -> None:
+        """Called by ``train_step`` after each optimiser step (MoE: the bias balancing step);
+        ``all_reduce`` sums a tensor over the data-parallel ranks, or is None in one process."""
+        for layer in moe_layers(self):
+            layer.update_bias(all_reduce)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6 N plus the attention scores.

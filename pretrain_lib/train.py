@@ -124,11 +124,13 @@ def default_forward_backward(model: nn.Module, micro_batches: Sequence[Batch], o
     Each micro-batch contributes its *summed* token loss (mean × count), so after dividing
     the gradient by the window's total count the step equals one big batch, however
     unevenly the targets are spread over micro-batches (padding, MLM's random 15 %, a
-    ragged last batch).
+    ragged last batch). A model with an ``auxiliary_loss()`` method (the MoE balancing loss)
+    has that loss, times the count, added to what backward sees; the returned loss leaves it out.
     """
     device = next(model.parameters()).device
     if no_sync is None:
         no_sync = getattr(model, "no_sync", None)  # DDP: skip the all-reduce until the last micro-step
+    auxiliary = getattr(_unwrap(model), "auxiliary_loss", None)  # e.g. the MoE balancing loss
     loss_sum = torch.zeros((), device=device)
     n_total = torch.zeros((), device=device)
     last = len(micro_batches) - 1
@@ -139,7 +141,10 @@ def default_forward_backward(model: nn.Module, micro_batches: Sequence[Batch], o
                 mean_loss, n = objective(model, batch)
             n = _as_tensor(n, device)
             summed = mean_loss.float() * n
-            (scaler.scale(summed) if scaler is not None else summed).backward()
+            aux = auxiliary() if auxiliary is not None else None
+            # the auxiliary loss is trained (weighted like the objective's mean) but not reported
+            total = summed if aux is None else summed + aux.float() * n
+            (scaler.scale(total) if scaler is not None else total).backward()
         loss_sum = loss_sum + summed.detach()
         n_total = n_total + n
     return loss_sum, n_total
@@ -169,6 +174,8 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], objective: Obje
     whole global batch. ``grad_norm`` is the global norm before clipping.
     ``forward_backward`` replaces the micro-batch loop (the pipeline schedule uses this); it
     must call backward on summed token losses and return ``(loss_sum, n_targets)``.
+    After the step, a model's ``after_optimizer_step(all_reduce)`` runs when it has one (the MoE
+    bias update; ``all_reduce`` sums a tensor over the data-parallel group, None in one process).
     ``skip_nonfinite=True`` leaves the weights and optimiser state untouched when the loss or
     the gradient norm is NaN/inf (a poisoned batch); deciding that costs one host read per step.
     """
@@ -178,12 +185,16 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], objective: Obje
     run = forward_backward or default_forward_backward
     loss_sum, n_total = run(model, micro_batches, objective, autocast=autocast, no_sync=no_sync, scaler=scaler)
     scale_by = 1.0
+    all_reduce = None
     if dp_group is not None and dp_group is not False and dist.is_initialized():
         group = None if dp_group is True else dp_group
         stats = torch.stack([loss_sum.float(), n_total.float()])
         dist.all_reduce(stats, group=group)
         loss_sum, n_total = stats[0], stats[1]
         scale_by = dist.get_world_size(group)
+
+        def all_reduce(t: torch.Tensor) -> None:
+            dist.all_reduce(t, group=group)
     n_safe = n_total.clamp(min=1.0)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if scaler is not None:
@@ -204,6 +215,9 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], objective: Obje
         scaler.update()
     else:
         optimizer.step()
+    after_step = getattr(_unwrap(model), "after_optimizer_step", None)  # e.g. MoE bias balancing
+    if after_step is not None:
+        after_step(all_reduce)
     return StepResult(loss_sum / n_safe, grad_norm, n_total)
 
 

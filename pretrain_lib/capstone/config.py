@@ -45,6 +45,13 @@ class ModelSection:
     seq_len: int = 64                 # context: tokens the model predicts from per window
     dropout: float = 0.0
     position: str = "learned"         # "learned" (a table of positions) | "rope" (rotary: relative, no table)
+    # mixture of experts (pretrain_lib.moe; ModelConfig's moe_* fields): 0 experts is the dense MLP
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_capacity_factor: float = 0.0  # 0: no capacity limit
+    moe_shared_experts: int = 0
+    moe_aux_loss_coef: float = 0.01   # Switch/GShard balancing loss weight
+    moe_bias_rate: float = 0.0        # DeepSeek-V3 auxiliary-loss-free bias step
 
     CHOICES = {"kind": ("gpt", "bert"), "position": ("learned", "rope")}
 
@@ -56,6 +63,11 @@ class ModelSection:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+        if self.moe_experts:
+            if self.moe_experts < 2 or not 1 <= self.moe_top_k <= self.moe_experts:
+                raise ConfigError(f"model.moe_experts must be 0 or >= 2 and model.moe_top_k in [1, moe_experts]; "
+                                  f"got moe_experts={self.moe_experts}, moe_top_k={self.moe_top_k}")
+            _non_negative(self, "moe_capacity_factor", "moe_shared_experts", "moe_aux_loss_coef", "moe_bias_rate")
 
 
 @dataclass
@@ -180,6 +192,10 @@ class RunConfig:
         _non_negative(self, "seed")
         for section in SECTIONS:
             getattr(self, section).check()
+        if self.model.moe_experts and self.parallel != "none":
+            raise ConfigError(f"model.moe_experts with parallel = {self.parallel!r} is not supported by the capstone "
+                              "(a rank's expert may get no token in a step, which DDP and FSDP do not expect); "
+                              "expert parallelism is pretrain_lib.distributed.expert_parallel")
         if self.train.log_every > self.train.steps:
             self.train.log_every = self.train.steps  # a short --set run still logs its last step
         if self.checkpoint.every % self.train.log_every:

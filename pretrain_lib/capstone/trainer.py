@@ -75,7 +75,10 @@ def run_model(config: RunConfig, vocab_size: int) -> torch.nn.Module:
     m = config.model
     mc = ModelConfig(vocab_size=vocab_size, d_model=m.d_model, n_heads=m.n_heads, n_layers=m.n_layers,
                      d_ff=m.d_ff or None, max_seq_len=m.seq_len + 1,  # a window is seq_len inputs + 1 target
-                     dropout=m.dropout, causal=m.kind == "gpt", position=m.position)
+                     dropout=m.dropout, causal=m.kind == "gpt", position=m.position,
+                     moe_experts=m.moe_experts, moe_top_k=m.moe_top_k, moe_capacity_factor=m.moe_capacity_factor,
+                     moe_shared_experts=m.moe_shared_experts, moe_aux_loss_coef=m.moe_aux_loss_coef,
+                     moe_bias_rate=m.moe_bias_rate)
     return seeded_model(mc, config.seed)
 
 
