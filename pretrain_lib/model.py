@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .model_options import (MLPS, NORMS, POSITIONS, GatedMLP, ReLU2MLP, apply_rope, make_norm,
                             prefix_attention_mask, rope_tables, swiglu_hidden)
 from .moe import MoEFeedForward, auxiliary_loss, inactive_expert_params, moe_layers
+from .mup import attention_scale, check_config, hidden_init_scale, is_hidden_matrix, output_multiplier, owners
 
 
 @dataclass
@@ -41,6 +42,9 @@ class ModelConfig:
     moe_shared_experts: int = 0       # experts every token goes through (DeepSeek-MoE)
     moe_aux_loss_coef: float = 0.01   # weight of the Switch/GShard balancing loss (0: off)
     moe_bias_rate: float = 0.0        # DeepSeek-V3 auxiliary-loss-free bias step (0: off; they use 1e-3)
+    # μP (chapter 9.5, pretrain_lib.mup): the width the hyperparameters were tuned at; 0 is the standard
+    # parametrisation. Changes the init, the attention scale and the logits; build_optimizer sets the LRs.
+    mup_base_width: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len"):
@@ -72,6 +76,7 @@ class ModelConfig:
             for name in ("moe_capacity_factor", "moe_shared_experts", "moe_aux_loss_coef", "moe_bias_rate"):
                 if not getattr(self, name) >= 0:
                     raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        check_config(self)
 
     @property
     def head_dim(self) -> int:
@@ -100,6 +105,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.rope = config.position == "rope"
+        self.scale = attention_scale(config)  # None: SDPA's 1/sqrt(head_dim); μP: ∝ 1/head_dim
         if config.qk_norm:
             self.q_norm, self.k_norm = make_norm("rmsnorm", config.head_dim), make_norm("rmsnorm", config.head_dim)
         else:
@@ -134,6 +140,7 @@ class SelfAttention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and attn_mask is None,
+            scale=self.scale,
         )
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
@@ -211,14 +218,18 @@ class TransformerBackbone(nn.Module):
         return self.ln_f(x)
 
 
-def _init_weights(model: nn.Module, n_layers: int) -> None:
+def _init_weights(model: nn.Module, config: ModelConfig) -> None:
+    hidden_scale = hidden_init_scale(config)  # 1 under SP; μP: sqrt(base/width) on hidden matrices
+    module_of = owners(model)
     for name, p in model.named_parameters():
         if p.dim() >= 2:
             std = 0.02
             # GPT-2: scale the projections that write into the residual stream so its
             # variance does not grow with depth (an MoE layer's experts: mlp.experts.3.down.weight).
             if name.endswith(("attn.proj.weight", "down.weight")):
-                std = 0.02 / math.sqrt(2 * n_layers)
+                std = 0.02 / math.sqrt(2 * config.n_layers)
+            if hidden_scale != 1.0 and is_hidden_matrix(module_of, p):
+                std *= hidden_scale
             nn.init.normal_(p, mean=0.0, std=std)
         elif name.endswith("bias"):
             nn.init.zeros_(p)
@@ -248,6 +259,11 @@ class _LanguageModel(nn.Module):
         N counts the *active* parameters: a token multiplies by k of the E experts, not all."""
         return (self.num_params(non_embedding=True) + self.config.vocab_size * self.config.d_model
                 - inactive_expert_params(self))
+
+    def _readout(self, logits: torch.Tensor) -> torch.Tensor:
+        """μP's output multiplier base_width/width on the logits (nothing under SP)."""
+        mult = output_multiplier(self.config)
+        return logits if mult == 1.0 else logits * mult
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """A loss the last forward adds to the objective's (the MoE balancing loss), or None. The
@@ -281,14 +297,14 @@ class GPT(_LanguageModel):
             raise ValueError("GPT is a causal decoder: build it from a ModelConfig with causal=True")
         self.config = config
         self.backbone = TransformerBackbone(config)
-        _init_weights(self, config.n_layers)
+        _init_weights(self, config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         """``prefix_len`` ``(batch,)`` (prefix LM): the first ``prefix_len`` tokens of each row
         attend to each other in both directions; None (the default) is a plain causal decoder."""
         h = self.backbone(input_ids, attention_mask, prefix_len)
-        return h @ self.backbone.tok_emb.weight.T  # tied embeddings
+        return self._readout(h @ self.backbone.tok_emb.weight.T)  # tied embeddings
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
@@ -326,12 +342,12 @@ class MaskedLM(_LanguageModel):
         self.head_dense = nn.Linear(config.d_model, config.d_model)
         self.head_ln = nn.LayerNorm(config.d_model)
         self.head_bias = nn.Parameter(torch.zeros(config.vocab_size))
-        _init_weights(self, config.n_layers)
+        _init_weights(self, config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self.backbone(input_ids, attention_mask)
         h = self.head_ln(F.gelu(self.head_dense(h)))
-        return h @ self.backbone.tok_emb.weight.T + self.head_bias
+        return self._readout(h @ self.backbone.tok_emb.weight.T) + self.head_bias
 
 
 def seeded_model(config: ModelConfig, seed: int) -> GPT | MaskedLM:

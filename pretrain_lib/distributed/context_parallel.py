@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..model import SelfAttention
+from ..mup import require_standard
 
 SPLITS = ("contiguous", "zigzag")
 
@@ -260,6 +261,7 @@ def apply_context_parallel(model: nn.Module, seq_len: int, *, split: str = "zigz
     shard's global positions. Feed it ``shard_sequence(input_ids, rank, p, split, dim=1)``; each rank's
     loss covers its own tokens, so parameter gradients are summed over the group (as data parallelism does)."""
     config = model.backbone.config
+    require_standard(config, "apply_context_parallel (ring attention's softmax scale)")
     if not config.causal or config.position != "learned" or config.dropout:
         raise ValueError("apply_context_parallel supports the causal GPT with learned positions and no dropout; "
                          f"got causal={config.causal}, position={config.position!r}, dropout={config.dropout}")

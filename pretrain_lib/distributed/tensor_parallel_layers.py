@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import GPT
+from ..mup import require_standard
 from .metrics import tensor_bytes
 
 
@@ -191,6 +192,7 @@ def apply_tensor_parallel(model: GPT, mesh, *, implementation: str = "dtensor",
     them identically, and f's backward all-reduce gives them the full gradient.
     """
     c = model.config
+    require_standard(c, "apply_tensor_parallel (its attention's softmax scale)")
     if c.n_heads % mesh.size():
         raise ValueError(f"{c.n_heads} heads cannot be split over {mesh.size()} ranks; pick n_heads divisible by it")
     if implementation == "by_hand":

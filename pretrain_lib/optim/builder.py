@@ -9,6 +9,10 @@ kernel is used (one launch for all parameters instead of several per tensor).
 everything else (embeddings, the output head, biases, norm gains), the split the
 modded-nanogpt speed-runs use, behind one object the engine steps like any optimiser.
 
+μP (``ModelConfig.mup_base_width > 0``, ``pretrain_lib.mup``): the builder reads the option from the
+model's config and gives the hidden matrices their own AdamW group at ``lr · base_width / width``;
+embeddings, biases and norm gains keep ``lr``. No flag to pass, so model and optimiser cannot disagree.
+
 Param groups may carry ``lr_scale``: the engine's learning-rate schedule sets each group's
 LR to ``schedule(step) * lr_scale`` (1 when absent), so groups with different base LRs keep
 their ratio under one schedule.
@@ -19,6 +23,8 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+
+from ..mup import mup_param_groups
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -133,7 +139,8 @@ def build_optimizer(model: nn.Module, name: str = "adamw", *, lr: float, weight_
                     muon_weight_decay: float | None = None):
     """The course's optimiser: ``"adamw"`` (default) or ``"muon"``.
 
-    ``"adamw"``: AdamW over ``param_groups(model, weight_decay)``. ``fused=None`` picks the
+    ``"adamw"``: AdamW over ``param_groups(model, weight_decay)`` (under μP split further by
+    ``mup.mup_param_groups``: the hidden matrices at ``lr · base_width / width``). ``fused=None`` picks the
     fused kernel when the parameters live on CUDA and the for-each implementation otherwise
     (both compute the same update).
 
@@ -148,6 +155,12 @@ def build_optimizer(model: nn.Module, name: str = "adamw", *, lr: float, weight_
     groups = param_groups(model, weight_decay)
     if fused is None:
         fused = next(iter(groups[0]["params"])).device.type == "cuda"
+    config = getattr(getattr(model, "module", model), "config", None)  # DDP keeps the model in .module
+    if getattr(config, "mup_base_width", 0):
+        if name != "adamw":
+            raise ValueError(f"μP (mup_base_width={config.mup_base_width}) scales Adam's learning rates; "
+                             f"it is not implemented for {name!r}: use name='adamw'")
+        groups = mup_param_groups(model, config, groups, lr)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused,
                                  foreach=None if fused else True)
