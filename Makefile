@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 
-.PHONY: setup run test lab exercises grade site lint doctor clean
+.PHONY: setup run test slurm-check lab exercises grade site lint doctor clean
 
 LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 
@@ -31,6 +31,12 @@ run: setup
 ## --dist loadgroup: tests marked xdist_group(name) share one worker; nbval runs in subprocesses.
 test: setup
 	$(PY) -m pytest -n $(JOBS) --dist loadgroup
+
+## make slurm-check: run the capstone's sbatch script under a real one-node Slurm on this machine (munged,
+## slurmctld and slurmd in a temporary folder, stopped afterwards), preempt it and check the requeued job
+## resumes exactly. Needs root and `apt-get install -y slurm-wlm munge`; skips and says why otherwise.
+slurm-check: setup
+	$(PY) -m pytest -p no:xdist -rs -s tests/test_slurm.py
 
 ## make lab: start JupyterLab on the course.
 ## JupyterLab refuses to start as root; containers and Colab-like hosts often run everything as
