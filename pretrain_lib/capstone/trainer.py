@@ -75,7 +75,8 @@ def run_model(config: RunConfig, vocab_size: int) -> torch.nn.Module:
     m = config.model
     mc = ModelConfig(vocab_size=vocab_size, d_model=m.d_model, n_heads=m.n_heads, n_layers=m.n_layers,
                      d_ff=m.d_ff or None, max_seq_len=m.seq_len + 1,  # a window is seq_len inputs + 1 target
-                     dropout=m.dropout, causal=m.kind == "gpt", position=m.position)
+                     dropout=m.dropout, causal=m.kind == "gpt", position=m.position, norm=m.norm, mlp=m.mlp,
+                     qk_norm=m.qk_norm)
     return seeded_model(mc, config.seed)
 
 
@@ -263,7 +264,7 @@ def _restore(point: ResumePoint, config: RunConfig, data: PreparedData, info: Di
 def _optimizer(config: RunConfig, model, point: ResumePoint | None) -> torch.optim.Optimizer:
     """The optimiser, with the checkpoint's moments: from shards, from a full state into FSDP, or plainly."""
     t = config.train
-    kwargs = {} if t.optimizer == "adamw" else {"name": t.optimizer}
+    kwargs = {} if t.optimizer == "adamw" else {"name": t.optimizer, "muon_lr": t.muon_lr}
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), **kwargs)
     if point is None:
         return optimizer
