@@ -94,7 +94,7 @@ def by_hand(config, data, batches: list, steps: int) -> dict:
     t = config.train
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2))
     schedule, losses = lr_schedule(config), []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for it in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = schedule(it)
@@ -107,14 +107,14 @@ def by_hand(config, data, batches: list, steps: int) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
         losses.append(loss.item())  # nanoGPT reads the loss on the host every iteration
-    return {"seconds": time.perf_counter() - start, "losses": losses}
+    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu, "losses": losses}
 
 
 def engine_on(config, data, batches, steps: int) -> dict:
     model = run_model(config, data.vocab_size)
     source = (lambda i: batches[i]) if isinstance(batches, list) else batches
     history = train(model, source, clm_objective, _engine_config(config, steps), progress=False)
-    return {"seconds": history.seconds, "losses": history.losses}
+    return {"seconds": history.seconds, "cpu_seconds": history.cpu_seconds, "losses": history.losses}
 
 
 @contextlib.contextmanager
@@ -167,7 +167,7 @@ def trainer(config_path: Path, steps: int, checkpoint_every: int, out_dir: Path)
     with timed_parts(parts):
         result = run(config_path, overrides=overrides, progress=False, verbose=False)
     parts["checkpoint writes (background thread)"] = sum(result.checkpoint_write_seconds)
-    return {"seconds": result.seconds, "setup_seconds": time.perf_counter() - wall - result.seconds,
+    return {"seconds": result.seconds, "cpu_seconds": result.cpu_seconds, "setup_seconds": time.perf_counter() - wall - result.seconds,
             "parts_seconds": dict(parts)}
 
 
@@ -193,11 +193,13 @@ def measure(config_path: Path, steps: int, repeats: int, checkpoint_every: int) 
                 runs[name].append(out)
                 print(f"  round {r + 1}: {name:<14} {1000 * out['seconds'] / steps:7.1f} ms/iter", flush=True)
     ms = {n: [1000 * x["seconds"] / steps for x in v] for n, v in runs.items()}
+    cpu_ms = {n: [1000 * x["cpu_seconds"] / steps for x in v] for n, v in runs.items()}
     report = {n: {"ms_per_iter_median": statistics.median(v), "ms_per_iter_min": min(v), "rounds_ms": v,
+                  "cpu_ms_per_iter_median": statistics.median(cpu_ms[n]), "rounds_cpu_ms": cpu_ms[n],
                   "peak_rss_mib": max(x["peak_rss_mib"] for x in runs[n])} for n, v in ms.items()}
 
-    def paired(a: str, b: str) -> list[float]:
-        return [x / y for x, y in zip(ms[a], ms[b])]
+    def paired(a: str, b: str, table=ms) -> list[float]:
+        return [x / y for x, y in zip(table[a], table[b])]
 
     engine_ratio = paired("engine", "by_hand")
     loader_ratio = paired("engine_loader", "engine")
@@ -211,6 +213,9 @@ def measure(config_path: Path, steps: int, repeats: int, checkpoint_every: int) 
         "steps_per_round": steps, "rounds": repeats, "checkpoint_every": checkpoint_every,
         "batch_tokens": config.train.batch_size * config.model.seq_len,
         "engine_over_by_hand_median": statistics.median(engine_ratio), "engine_over_by_hand_rounds": engine_ratio,
+        "engine_over_by_hand_cpu_median": statistics.median(paired("engine", "by_hand", cpu_ms)),
+        "engine_over_by_hand_cpu_rounds": paired("engine", "by_hand", cpu_ms),
+        "trainer_overhead_vs_engine_loader_cpu_pct": 100 * (statistics.median(paired("trainer", "engine_loader", cpu_ms)) - 1),
         "engine_loss_max_abs_diff_vs_by_hand": max(abs(a - b) for a, b in zip(*first)),
         "loader_path_over_identical_batches_median": statistics.median(loader_ratio),
         "trainer_overhead_vs_engine_loader_pct": 100 * (statistics.median(trainer_ratio) - 1),

@@ -264,6 +264,7 @@ class TrainHistory:
     eval_losses: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)   # steps whose update was skipped (NaN/inf)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0          # this process's CPU time over the same span (all threads): less load-sensitive
 
     def final_loss(self, last: int = 10) -> float:
         """Mean of the last ``last`` training losses (less noisy than the very last one)."""
@@ -393,7 +394,7 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
     bar = tqdm(total=config.steps, initial=start_step, desc=desc, disable=not progress)
 
     pending: list[StepResult] = []     # steps not yet read back to the host
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     micro_index = start_step * config.grad_accum_steps   # a callable source continues where the run stood
     for step in range(start_step, config.steps):
         if config.lr_schedule is not None:
@@ -456,7 +457,7 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
                 _read_back(pending, history, step + 1 - len(pending))
                 pending.clear()
             break
-    history.seconds = time.perf_counter() - start
+    history.seconds, history.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     bar.close()
     _call(callbacks, "on_end", state)
     return history

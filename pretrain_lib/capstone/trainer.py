@@ -58,6 +58,7 @@ class RunResult:
     val_bits_per_byte: list[float] = field(default_factory=list)   # GPT: at each evaluation, tokenizer-free
     samples: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0            # the training loop's process CPU time (all threads)
     tokens_per_second: float = 0.0
     checkpoint_seconds: list[float] = field(default_factory=list)   # training time each checkpoint cost
     checkpoint_write_seconds: list[float] = field(default_factory=list)  # each write, on its background thread
@@ -189,7 +190,7 @@ def _run(config: RunConfig, info: DistInfo, log, stops: StopRequests, *, resume,
         checkpointer.finish()   # a write in flight completes: it is the last checkpoint
         raise RunInterrupted(checkpointer.step_reached or result.start_step,
                              checkpointer.last_saved or (result.start_step or None)) from None
-    result.losses, result.seconds = history.losses, history.seconds
+    result.losses, result.seconds, result.cpu_seconds = history.losses, history.seconds, history.cpu_seconds
     result.steps = result.start_step + len(history.losses)
     result.tokens_per_second = history.tokens_per_second * info.world_size
     return result
