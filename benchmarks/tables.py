@@ -100,9 +100,11 @@ def records(results: dict) -> str:
                f"thread per run, load {r['load_average_1min']}")
     for name in ("speedrun", "baseline"):
         x = r[name]
-        label = (f"speedrun: {r['ratio_median']:.2f}× the baseline's time" if name == "speedrun" else "baseline")
+        label = (f"speedrun: {r['ratio_median']:.2f}× the baseline's wall time, "
+                 f"{r.get('cpu_ratio_median', float('nan')):.2f}× its CPU time" if name == "speedrun" else "baseline")
         lines.append(f"| {label} | `{x['config']}` | {x['val_loss_median']:.4f} | {x['wall_seconds_median']:.1f} s "
-                     f"({x['wall_seconds_min']:.1f}–{x['wall_seconds_max']:.1f}) | {x['tokens_seen']:,} | {machine} | "
+                     f"({x['wall_seconds_min']:.1f}–{x['wall_seconds_max']:.1f}; {r['rounds']} round(s); CPU "
+                     f"{x.get('cpu_seconds_median', float('nan')):.1f} s) | {x['tokens_seen']:,} | {machine} | "
                      f"`{x['command']}` | {r['date_utc'][:10]} |")
     return "\n".join(lines)
 

@@ -84,7 +84,7 @@ SPEEDRUN = {"date_utc": "2026-12-06T03:00:00Z", "rounds": 3, "load_average_1min"
 def test_speedrun_records_name_config_loss_time_tokens_machine_command_and_date():
     table = tables.records({"speedrun": SPEEDRUN})
     row = next(line for line in table.splitlines() if "gpt-char-speedrun" in line)
-    for text in ("0.45× the baseline's time", "1.9050", "45.0 s (44.0–47.0)", "700,000", "2 CPUs",
+    for text in ("0.45× the baseline's wall time", "1.9050", "45.0 s (44.0–47.0; 3 round(s)", "700,000", "2 CPUs",
                  "`python -m pretrain_lib.train --config configs/gpt-char-speedrun.toml`", "2026-12-06"):
         assert text in row, text
     assert "not measured yet" in tables.records({})
