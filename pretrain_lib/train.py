@@ -39,9 +39,14 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------- objectives
 
 def clm_objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token prediction on ``batch["input_ids"]`` ``(batch, seq)``."""
+    """Next-token prediction on ``batch["input_ids"]`` ``(batch, seq)``.
+
+    The model reads ``ids[:, :-1]`` only: a causal model's outputs there are the same as in a
+    forward over all ``seq`` tokens, and the last position, which has no target, would cost
+    1/seq of the step's compute for nothing (what a nanoGPT-style loop's ``x, y`` split avoids)."""
     ids = batch["input_ids"]
-    loss = clm_loss(model(ids, batch.get("attention_mask")), ids)
+    mask = batch.get("attention_mask")
+    loss = clm_loss(model(ids[:, :-1], None if mask is None else mask[:, :-1]), ids)
     return loss, (ids[:, 1:] != IGNORE_INDEX).sum()
 
 
@@ -273,6 +278,7 @@ class TrainHistory:
     eval_losses: list[float] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)   # steps whose update was skipped (NaN/inf)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0          # this process's CPU time over the same span (all threads): less load-sensitive
 
     def final_loss(self, last: int = 10) -> float:
         """Mean of the last ``last`` training losses (less noisy than the very last one)."""
@@ -402,7 +408,7 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
     bar = tqdm(total=config.steps, initial=start_step, desc=desc, disable=not progress)
 
     pending: list[StepResult] = []     # steps not yet read back to the host
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     micro_index = start_step * config.grad_accum_steps   # a callable source continues where the run stood
     for step in range(start_step, config.steps):
         if config.lr_schedule is not None:
@@ -465,7 +471,7 @@ def train(model: nn.Module, batches, objective: Objective, config: TrainConfig |
                 _read_back(pending, history, step + 1 - len(pending))
                 pending.clear()
             break
-    history.seconds = time.perf_counter() - start
+    history.seconds, history.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     bar.close()
     _call(callbacks, "on_end", state)
     return history

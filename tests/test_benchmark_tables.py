@@ -66,3 +66,27 @@ def test_grading_row_names_each_configuration_and_the_fastest():
     assert "unsandboxed `--jobs 1`: 10.0 s per submission" in row
     assert "unsandboxed `--jobs 2`: 6.0 s; sandboxed `--jobs 1`: 11.0 s; sandboxed `--jobs 2`: 5.0 s" in row
     assert "2.00× (sandboxed `--jobs 2`)" in row and "4 submissions; 2 CPUs, load 1.5" in row
+
+
+SPEEDRUN = {"date_utc": "2026-12-06T03:00:00Z", "rounds": 3, "load_average_1min": 2.1, "ratio_median": 0.45,
+            "ratio_per_round": [0.44, 0.45, 0.47],
+            "machine": {"processor": "x86_64", "cpu_count": 2, "threads_per_run": 1},
+            "baseline": {"config": "configs/gpt-char-tiny.toml", "command": "python -m pretrain_lib.train --config "
+                         "configs/gpt-char-tiny.toml", "wall_seconds_median": 100.0, "wall_seconds_min": 98.0,
+                         "wall_seconds_max": 104.0, "val_loss_median": 1.912, "val_loss_max": 1.913,
+                         "tokens_seen": 1560000},
+            "speedrun": {"config": "configs/gpt-char-speedrun.toml", "command": "python -m pretrain_lib.train "
+                         "--config configs/gpt-char-speedrun.toml", "wall_seconds_median": 45.0,
+                         "wall_seconds_min": 44.0, "wall_seconds_max": 47.0, "val_loss_median": 1.905,
+                         "val_loss_max": 1.91, "tokens_seen": 700000}}
+
+
+def test_speedrun_records_name_config_loss_time_tokens_machine_command_and_date():
+    table = tables.records({"speedrun": SPEEDRUN})
+    row = next(line for line in table.splitlines() if "gpt-char-speedrun" in line)
+    for text in ("0.45× the baseline's wall time", "1.9050", "45.0 s (44.0–47.0; 3 round(s)", "700,000", "2 CPUs",
+                 "`python -m pretrain_lib.train --config configs/gpt-char-speedrun.toml`", "2026-12-06"):
+        assert text in row, text
+    assert "not measured yet" in tables.records({})
+    text = f"{tables.BEGIN}\n{tables.END}\n{tables.RECORDS_BEGIN}\nold\n{tables.RECORDS_END}\n"
+    assert "| speedrun: 0.45×" in tables.updated_readme(text, {"speedrun": SPEEDRUN})

@@ -62,6 +62,31 @@ def test_gpt_char_tiny_is_nanogpts_cpu_example():
     assert (c.data.tokenizer, c.data.val_fraction, c.data.corpus) == ("char", 0.1, "shakespeare")
 
 
+def test_the_speedrun_reads_gpt_char_tinys_data_and_final_validation_windows():
+    """Same text, same split, same final windows: the first eval_batches x batch_size windows of seq_len + 1."""
+    tiny_cfg, speed = (load_config(REPO / "configs" / f"{n}.toml") for n in ("gpt-char-tiny", "gpt-char-speedrun"))
+    assert data_fingerprint(speed.data) == data_fingerprint(tiny_cfg.data)
+    assert speed.model.seq_len == tiny_cfg.model.seq_len
+    assert speed.train.eval_batches * speed.train.batch_size == tiny_cfg.train.eval_batches * tiny_cfg.train.batch_size
+    assert speed.train.steps % speed.train.eval_every == 0   # the last step is evaluated
+
+
+def test_model_options_and_muon_lr_reach_the_model_and_optimiser(tmp_path):
+    from pretrain_lib.capstone.trainer import _optimizer, run_model
+    cfg = config_from_dict(tiny(tmp_path, tmp_path), [
+        'model.norm="rmsnorm"', 'model.mlp="relu2"', "model.qk_norm=true", 'model.position="rope"',
+        'train.optimizer="muon"', "train.muon_lr=0.05"])
+    model = run_model(cfg, vocab_size=40)
+    mc = model.config
+    assert (mc.norm, mc.mlp, mc.qk_norm, mc.position) == ("rmsnorm", "relu2", True, "rope")
+    muon_group = next(g for g in _optimizer(cfg, model, None).param_groups if g.get("optimizer") == "muon")
+    assert muon_group["lr"] == 0.05 and muon_group["lr_scale"] == pytest.approx(0.05 / cfg.train.lr)
+    with pytest.raises(ConfigError, match="model.mlp"):
+        config_from_dict(tiny(tmp_path, tmp_path), ['model.mlp="tanh"'])
+    with pytest.raises(ConfigError, match="muon_lr"):
+        config_from_dict(tiny(tmp_path, tmp_path), ["train.muon_lr=0"])
+
+
 def test_an_unknown_key_names_itself_and_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown key train\.stpes \(did you mean 'steps'\?\).*batch_size.*steps"):
         config_from_dict({"train": {"stpes": 5}})

@@ -52,8 +52,13 @@ class ModelSection:
     moe_shared_experts: int = 0
     moe_aux_loss_coef: float = 0.01   # Switch/GShard balancing loss weight
     moe_bias_rate: float = 0.0        # DeepSeek-V3 auxiliary-loss-free bias step
+    # chapter 8.2's options (pretrain_lib.model_options); the defaults are the course GPT
+    norm: str = "layernorm"           # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"                 # "gelu" | "swiglu" (gated) | "relu2" (squared ReLU)
+    qk_norm: bool = False             # RMS-normalise queries and keys per head
 
-    CHOICES = {"kind": ("gpt", "bert"), "position": ("learned", "rope")}
+    CHOICES = {"kind": ("gpt", "bert"), "position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
+               "mlp": ("gelu", "swiglu", "relu2")}
 
     def check(self) -> None:
         _positive(self, "n_layers", "n_heads", "d_model", "seq_len")
@@ -130,7 +135,8 @@ class TrainSection:
     schedule: str = "cosine"          # "cosine" | "wsd" | "constant"
     warmup_steps: int = 100
     decay_steps: int = 0              # cosine: the step the decay ends (0: steps); wsd: decay length (0: steps/5)
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"          # "adamw" | "muon" (Muon on the hidden matrices, AdamW at train.lr on the rest)
+    muon_lr: float = 0.02             # muon only: the matrices' peak learning rate (the schedule scales it with lr)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -153,6 +159,8 @@ class TrainSection:
         _non_negative(self, "warmup_steps", "decay_steps", "sample_tokens", "threads")
         if not self.lr > 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not self.muon_lr > 0:
+            raise ConfigError(f"train.muon_lr must be positive, got {self.muon_lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"train.min_lr must lie in [0, train.lr={self.lr}], got {self.min_lr}")
         if self.warmup_steps >= self.steps:

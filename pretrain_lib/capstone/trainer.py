@@ -58,6 +58,7 @@ class RunResult:
     val_bits_per_byte: list[float] = field(default_factory=list)   # GPT: at each evaluation, tokenizer-free
     samples: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0            # the training loop's process CPU time (all threads)
     tokens_per_second: float = 0.0
     checkpoint_seconds: list[float] = field(default_factory=list)   # training time each checkpoint cost
     checkpoint_write_seconds: list[float] = field(default_factory=list)  # each write, on its background thread
@@ -78,7 +79,8 @@ def run_model(config: RunConfig, vocab_size: int) -> torch.nn.Module:
                      dropout=m.dropout, causal=m.kind == "gpt", position=m.position,
                      moe_experts=m.moe_experts, moe_top_k=m.moe_top_k, moe_capacity_factor=m.moe_capacity_factor,
                      moe_shared_experts=m.moe_shared_experts, moe_aux_loss_coef=m.moe_aux_loss_coef,
-                     moe_bias_rate=m.moe_bias_rate)
+                     moe_bias_rate=m.moe_bias_rate,
+                     norm=m.norm, mlp=m.mlp, qk_norm=m.qk_norm)
     return seeded_model(mc, config.seed)
 
 
@@ -191,7 +193,7 @@ def _run(config: RunConfig, info: DistInfo, log, stops: StopRequests, *, resume,
         checkpointer.finish()   # a write in flight completes: it is the last checkpoint
         raise RunInterrupted(checkpointer.step_reached or result.start_step,
                              checkpointer.last_saved or (result.start_step or None)) from None
-    result.losses, result.seconds = history.losses, history.seconds
+    result.losses, result.seconds, result.cpu_seconds = history.losses, history.seconds, history.cpu_seconds
     result.steps = result.start_step + len(history.losses)
     result.tokens_per_second = history.tokens_per_second * info.world_size
     return result
@@ -266,7 +268,7 @@ def _restore(point: ResumePoint, config: RunConfig, data: PreparedData, info: Di
 def _optimizer(config: RunConfig, model, point: ResumePoint | None) -> torch.optim.Optimizer:
     """The optimiser, with the checkpoint's moments: from shards, from a full state into FSDP, or plainly."""
     t = config.train
-    kwargs = {} if t.optimizer == "adamw" else {"name": t.optimizer}
+    kwargs = {} if t.optimizer == "adamw" else {"name": t.optimizer, "muon_lr": t.muon_lr}
     optimizer = build_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), **kwargs)
     if point is None:
         return optimizer
