@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain_lib.distributed.context_parallel import (block_attention, causal_pairs_per_rank, chunk_layout,
+from pretrain_lib.distributed.context_parallel import (block_attention, causal_blocks_per_rank, causal_pairs_per_rank,
+                                                       chunk_layout,
                                                        merge_partial_attention, ring_attention, shard_positions,
                                                        shard_sequence)
 from pretrain_lib.distributed.launch import run_torchrun
@@ -84,7 +85,7 @@ def test_ring_attention_equals_full_causal_attention(tmp_path):
     b, h, t, dh, p = 2, 2, 32, 16, 2
     m = run_torchrun("pretrain_lib.distributed.context_parallel_run", stream=False, run_dir=tmp_path,
                      args=["--batch", b, "--heads", h, "--head-dim", dh, "--seq-len", t, "--gpt",
-                           "--memory-seq-lens", "32,64"]).metrics
+                           "--memory-seq-lens", "32,64", "--timing-seq-len", 32, "--timing-repeats", 2]).metrics
     assert m["world_size"] == p and set(m["splits"]) == {"contiguous", "zigzag"}
     assert m["max_abs_diff"] <= TOL
     value = 4 * b * h * (t // p) * dh  # bytes of one rank's K or V in fp32
@@ -96,6 +97,8 @@ def test_ring_attention_equals_full_causal_attention(tmp_path):
         assert s["bytes_sent_forward"] == [(p - 1) * 2 * value] * p
         assert s["bytes_sent_backward"] == [(p - 1) * 2 * value + p * 2 * value] * p
         chunk = t // p if split == "contiguous" else t // (2 * p)
+        for key in ("compute_s", "wait_s", "forward_s", "block_diagonal_s", "block_full_s"):  # per rank, one value per repeat
+            assert [len(r) for r in s["timing"][key]] == [2] * p, key
         for row in s["memory"]:
             n = row["seq_len"] // p  # tokens per rank; q, k, v, out and the log-sum-exp are kept for backward
             assert row["saved_bytes"] == [4 * b * h * n * (4 * dh + 1)] * p
@@ -103,3 +106,13 @@ def test_ring_attention_equals_full_causal_attention(tmp_path):
             assert row["peak_scores_bytes"] == [4 * b * h * (chunk * row["seq_len"] // t) ** 2] * p
     assert m["splits"]["contiguous"]["pairs_per_rank"] == [136, 392]  # Σ 1..16 and Σ 17..32
     assert m["splits"]["zigzag"]["pairs_per_rank"] == [264, 264]
+
+
+def test_causal_blocks_per_rank_by_hand():
+    # contiguous, 2 ranks: rank 0 its own chunk (diagonal); rank 1 its own and chunk 0 (full)
+    assert causal_blocks_per_rank(2, "contiguous") == [{"diagonal": 1, "full": 0}, {"diagonal": 1, "full": 1}]
+    # zig-zag, 2 ranks: rank 0 holds chunks 0, 3: (0,0) (3,3) diagonal; (3,0) (3,1) (3,2) full
+    assert causal_blocks_per_rank(2, "zigzag") == [{"diagonal": 2, "full": 3}] * 2
+    for p in (3, 4, 8):  # every rank 2p + 1 blocks under zig-zag; all p(p+1)/2 of the lower triangle contiguous
+        assert all(b == {"diagonal": 2, "full": 2 * p - 1} for b in causal_blocks_per_rank(p, "zigzag"))
+        assert sum(sum(b.values()) for b in causal_blocks_per_rank(p, "contiguous")) == p * (p + 1) // 2

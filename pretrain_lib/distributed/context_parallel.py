@@ -84,6 +84,14 @@ def causal_pairs_per_rank(seq_len: int, world_size: int, split: str) -> list[int
     return [int((shard_positions(seq_len, r, world_size, split) + 1).sum()) for r in range(world_size)]
 
 
+def causal_blocks_per_rank(world_size: int, split: str) -> list[dict]:
+    """Score blocks each rank's ring computes: ``{"diagonal": n, "full": m}`` (a chunk on itself, causal
+    within; an earlier chunk, no mask). Later chunks are skipped. Blocks are ``seq_len / n_chunks`` square."""
+    layout = chunk_layout(world_size, split)
+    return [{"diagonal": sum(kj == qi for src in layout for qi in mine for kj in src),
+             "full": sum(kj < qi for src in layout for qi in mine for kj in src)} for mine in layout]
+
+
 # --- one block and the merge -----------------------------------------------------------------
 
 def merge_partial_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
@@ -180,7 +188,10 @@ class RingAttention(torch.autograd.Function):
             if stats is not None:
                 stats["compute_s"] = stats.get("compute_s", 0.0) + time.perf_counter() - t0
             if arriving is not None:
+                t1 = time.perf_counter()
                 kv = arriving()
+                if stats is not None:  # idle: the next block had not arrived when this one was done
+                    stats["wait_s"] = stats.get("wait_s", 0.0) + time.perf_counter() - t1
         out_all, lse_all = torch.cat(out, dim=-2), torch.cat(lse, dim=-1)
         ctx.save_for_backward(q, k, v, out_all, lse_all)
         ctx.split, ctx.group, ctx.stats = split, group, stats
@@ -226,7 +237,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, split: 
 
     ``q, k, v``: ``(batch, heads, local_len, head_dim)``, the positions :func:`shard_sequence`
     gives this rank with the same ``split``. ``stats`` (a dict) collects the unmasked pairs
-    computed, the seconds spent computing, bytes sent and bytes held."""
+    computed, the seconds spent computing and waiting, bytes sent and bytes held."""
     if not dist.is_initialized():
         raise RuntimeError("ring_attention needs a process group: run under torchrun "
                            "(pretrain_lib.distributed.launch.run_torchrun)")

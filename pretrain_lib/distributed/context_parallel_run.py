@@ -8,7 +8,10 @@ split (``--splits contiguous,zigzag``) rank 0 writes to ``metrics.json``:
   by every rank in one process and cut to its shard (the worst over ranks);
 - ``pairs_per_rank`` (unmasked query-key pairs the ring computed, per batch row and head) beside
   ``pairs_formula`` (:func:`.context_parallel.causal_pairs_per_rank`);
-- ``compute_s_per_rank``: seconds each rank spends computing blocks at ``--timing-seq-len`` (waits excluded);
+- ``compute_s_per_rank``: seconds each rank spends computing blocks at ``--timing-seq-len`` (waits excluded,
+  median of the repeats); ``timing``: per rank, every repeat's ``compute_s``, ``wait_s`` (for the next
+  block), ``forward_s`` (the whole forward, wall clock), and ``block_diagonal_s`` / ``block_full_s`` (one
+  block of the split's chunk size, every rank at once);
 - ``memory``: per ``--memory-seq-lens``, the bytes each rank keeps for the backward, the block in flight
   and the largest score block;
 - ``bytes_sent_forward`` / ``bytes_sent_backward`` per rank.
@@ -19,6 +22,7 @@ logits, and parameter gradients summed over the ranks.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -27,8 +31,8 @@ import torch.nn.functional as F
 
 from ..data.synthetic import arithmetic_batch
 from ..model import ModelConfig, seeded_model
-from .context_parallel import (SPLITS, apply_context_parallel, causal_pairs_per_rank, ring_attention,
-                               shard_sequence)
+from .context_parallel import (SPLITS, apply_context_parallel, block_attention, causal_pairs_per_rank,
+                               chunk_layout, ring_attention, shard_sequence)
 from .errors import run_main
 from .metrics import write_metrics
 from .process_group import DistContext, setup, teardown
@@ -99,23 +103,38 @@ def check_split(split: str, args, ctx: DistContext) -> dict:
               "bytes_sent_backward": _gather(stats.get("bytes_sent_backward", 0))}
     if args.timing_seq_len:
         record["timing_seq_len"] = args.timing_seq_len
-        record["compute_s_per_rank"] = _gather(_compute_seconds(split, args, ctx))
+        timing = _gather(_timings(split, args, ctx))
+        record["timing"] = {key: [t[key] for t in timing] for key in timing[0]}
+        record["compute_s_per_rank"] = [sorted(s)[len(s) // 2] for s in record["timing"]["compute_s"]]
     record["memory"] = [_held_bytes(split, n, args, ctx) for n in args.memory_seq_lens]
     return record
 
 
-def _compute_seconds(split: str, args, ctx: DistContext) -> float:
-    """Median over repeats of the seconds this rank spends computing blocks in one forward."""
+def _timings(split: str, args, ctx: DistContext) -> dict:
+    """Per repeat, this rank's seconds computing blocks, waiting for the next block, and in the whole forward."""
     q, k, v, _ = _qkv(args, args.timing_seq_len, ctx.device, seed_offset=1)
     local = [shard_sequence(t, ctx.rank, ctx.world_size, split) for t in (q, k, v)]
-    seconds = []
+    seconds: dict = {"compute_s": [], "wait_s": [], "forward_s": []}
     with torch.no_grad():
         for _ in range(args.timing_repeats):
             dist.barrier()
             stats: dict = {}
+            start = time.perf_counter()
             ring_attention(*local, split=split, stats=stats)
-            seconds.append(stats["compute_s"])
-    return sorted(seconds)[len(seconds) // 2]
+            seconds["forward_s"].append(time.perf_counter() - start)
+            seconds["compute_s"].append(stats["compute_s"])
+            seconds["wait_s"].append(stats.get("wait_s", 0.0))
+        # one diagonal and one full block of this split's chunk size, every rank at once (as in the ring)
+        c = local[0].size(-2) // len(chunk_layout(ctx.world_size, split)[ctx.rank])
+        block = [t.narrow(-2, 0, c).contiguous() for t in local]
+        for kind in ("diagonal", "full"):
+            seconds[f"block_{kind}_s"] = []
+            for _ in range(args.timing_repeats):
+                dist.barrier()
+                start = time.perf_counter()
+                block_attention(*block, causal=kind == "diagonal")
+                seconds[f"block_{kind}_s"].append(time.perf_counter() - start)
+    return seconds
 
 
 def _held_bytes(split: str, seq_len: int, args, ctx: DistContext) -> dict:
