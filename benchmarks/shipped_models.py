@@ -65,8 +65,8 @@ def lm_eval_accuracy(export_dir: Path) -> float:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from pretrain_lib.benchmark.items import ITEM_FILE
-    task_dir = ITEM_FILE.parent / "lm_eval_task"
+    from pretrain_lib.benchmark import items
+    task_dir = Path(items.__file__).parent / "lm_eval_task"
     results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={export_dir},dtype=float32",
                                       tasks=["shakespeare_mc"], device="cpu", batch_size=16,
                                       task_manager=TaskManager(include_path=str(task_dir)))
@@ -75,7 +75,7 @@ def lm_eval_accuracy(export_dir: Path) -> float:
 
 def one_config(name: str, steps: int | None, work: Path) -> dict:
     run_dir, export_dir, report = work / name, work / f"{name}-hf", work / f"{name}.json"
-    extra = ["--set", f"train.steps={steps}"] if steps else []
+    extra = ["--set", f"train.steps={steps}", "--set", f"train.warmup_steps={max(1, steps // 10)}"] if steps else []
     start = time.perf_counter()
     command("pretrain_lib.train", "--config", f"configs/{name}.toml", "--out", str(run_dir), *extra)
     train_s = time.perf_counter() - start
