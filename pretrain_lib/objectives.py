@@ -107,19 +107,14 @@ def clm_loss(logits: torch.Tensor, input_ids: torch.Tensor, *, ignore_index: int
     """Next-token loss: the logits at position t predict ``input_ids`` at t+1.
 
     Targets equal to ``ignore_index`` (padding, for instance) are excluded from the mean.
-    logits: ``(batch, seq, vocab)``, or ``(batch, seq - 1, vocab)`` when the model read only
-    ``input_ids[:, :-1]`` (the last position has no target, so computing it is wasted work);
-    input_ids: ``(batch, seq)``.
+    logits: ``(batch, seq, vocab)``; input_ids: ``(batch, seq)``.
     """
     _check_integer_ids("input_ids", input_ids)
+    if logits.shape[:-1] != input_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} disagree on (batch, seq)")
     if input_ids.size(1) < 2:
         raise ValueError("clm_loss needs sequences of at least 2 tokens (one input, one target)")
-    if logits.dim() == 3 and logits.shape[:-1] == input_ids.shape:
-        logits = logits[:, :-1, :]
-    elif logits.dim() != 3 or logits.shape[:-1] != (input_ids.size(0), input_ids.size(1) - 1):
-        raise ValueError(f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} disagree on (batch, seq): "
-                         "logits cover every position of input_ids, or every position but the last")
-    return _cross_entropy_over_labels(logits, input_ids[:, 1:], ignore_index)
+    return _cross_entropy_over_labels(logits[:, :-1, :], input_ids[:, 1:], ignore_index)
 
 
 # ----------------------------------------------------------------------------- mixed objectives

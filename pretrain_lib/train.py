@@ -39,14 +39,9 @@ DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ----------------------------------------------------------------------------- objectives
 
 def clm_objective(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token prediction on ``batch["input_ids"]`` ``(batch, seq)``.
-
-    The model reads ``ids[:, :-1]`` only: a causal model's outputs there are the same as in a
-    forward over all ``seq`` tokens, and the last position, which has no target, would cost
-    1/seq of the step's compute for nothing (what a nanoGPT-style loop's ``x, y`` split avoids)."""
+    """Next-token prediction on ``batch["input_ids"]`` ``(batch, seq)``."""
     ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    loss = clm_loss(model(ids[:, :-1], None if mask is None else mask[:, :-1]), ids)
+    loss = clm_loss(model(ids, batch.get("attention_mask")), ids)
     return loss, (ids[:, 1:] != IGNORE_INDEX).sum()
 
 

@@ -118,13 +118,6 @@ def test_clm_loss_matches_cross_entropy_shifted_by_hand():
     torch.testing.assert_close(clm_loss(logits, ids), expected)
 
 
-def test_clm_loss_takes_logits_of_every_position_but_the_last():
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(2, 6, 9, generator=g)
-    ids = torch.randint(0, 9, (2, 6), generator=g)
-    torch.testing.assert_close(clm_loss(logits[:, :-1], ids), clm_loss(logits, ids))
-
-
 def test_clm_loss_ignores_padding_targets():
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(1, 5, 9, generator=g)
