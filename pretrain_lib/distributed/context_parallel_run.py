@@ -10,8 +10,7 @@ split (``--splits contiguous,zigzag``) rank 0 writes to ``metrics.json``:
   ``pairs_formula`` (:func:`.context_parallel.causal_pairs_per_rank`);
 - ``compute_s_per_rank``: seconds each rank spends computing blocks at ``--timing-seq-len`` (waits excluded,
   median of the repeats); ``timing``: per rank, every repeat's ``compute_s``, ``wait_s`` (for the next
-  block), ``forward_s`` (the whole forward, wall clock), and ``block_diagonal_s`` / ``block_full_s`` (one
-  block of the split's chunk size, every rank at once);
+  block), ``forward_s`` (the whole forward, wall clock);
 - ``memory``: per ``--memory-seq-lens``, the bytes each rank keeps for the backward, the block in flight
   and the largest score block;
 - ``bytes_sent_forward`` / ``bytes_sent_backward`` per rank.
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 
 from ..data.synthetic import arithmetic_batch
 from ..model import ModelConfig, seeded_model
-from .context_parallel import (SPLITS, apply_context_parallel, block_attention, causal_pairs_per_rank,
-                               chunk_layout, ring_attention, shard_sequence)
+from .context_parallel import (SPLITS, apply_context_parallel, causal_pairs_per_rank, ring_attention,
+                               shard_sequence)
 from .errors import run_main
 from .metrics import write_metrics
 from .process_group import DistContext, setup, teardown
@@ -124,16 +123,6 @@ def _timings(split: str, args, ctx: DistContext) -> dict:
             seconds["forward_s"].append(time.perf_counter() - start)
             seconds["compute_s"].append(stats["compute_s"])
             seconds["wait_s"].append(stats.get("wait_s", 0.0))
-        # one diagonal and one full block of this split's chunk size, every rank at once (as in the ring)
-        c = local[0].size(-2) // len(chunk_layout(ctx.world_size, split)[ctx.rank])
-        block = [t.narrow(-2, 0, c).contiguous() for t in local]
-        for kind in ("diagonal", "full"):
-            seconds[f"block_{kind}_s"] = []
-            for _ in range(args.timing_repeats):
-                dist.barrier()
-                start = time.perf_counter()
-                block_attention(*block, causal=kind == "diagonal")
-                seconds[f"block_{kind}_s"].append(time.perf_counter() - start)
     return seconds
 
 
