@@ -90,3 +90,21 @@ def test_speedrun_records_name_config_loss_time_tokens_machine_command_and_date(
     assert "not measured yet" in tables.records({})
     text = f"{tables.BEGIN}\n{tables.END}\n{tables.RECORDS_BEGIN}\nold\n{tables.RECORDS_END}\n"
     assert "| speedrun: 0.45×" in tables.updated_readme(text, {"speedrun": SPEEDRUN})
+
+
+def test_shipped_models_row_gives_every_figure_of_the_run():
+    run = {"config": "gpt-char-tiny", "steps": 2000, "val_loss": 1.5, "bits_per_byte": 2.25, "mc_accuracy": 0.4,
+           "mc_accuracy_ci95": [0.36, 0.44], "mc_chance": 0.25, "mc_unigram_accuracy": 0.26,
+           "mc_unigram_accuracy_ci95": [0.22, 0.30], "mc_gain_over_unigram": 0.14, "mc_gain_over_unigram_ci95": [0.1, 0.18],
+           "n_items": 600, "lm_eval_acc_bytes": 0.4, "max_logit_difference": 2e-6, "greedy_equal": True}
+    result = {"shipped_models": {"runs": [run], "command": "python benchmarks/shipped_models.py", "date": "2026-12-06",
+                                 "torch": "2.13.0", "cpu_count": 2, "load_average_1min": 0.5}}
+    table = tables.shipped_models(result)
+    row = next(line for line in table.splitlines() if line.startswith("| `gpt-char-tiny`"))
+    for text in ("| 2,000 |", "| 1.500 |", "| 2.250 |", "40.0% [36.0%, 44.0%]", "| 25% |", "26.0% [22.0%, 30.0%]",
+                 "+14.0% [+10.0%, +18.0%]", "| 40.0% |", "2.0e-06", "| yes |"):
+        assert text in row, text
+    assert "600 items" in table
+    assert "not measured yet" in tables.shipped_models({})
+    text = f"{tables.BEGIN}\n{tables.END}\n{tables.MODELS_BEGIN}\nold\n{tables.MODELS_END}\n"
+    assert "| `gpt-char-tiny` | 2,000 |" in tables.updated_readme(text, result)
