@@ -20,6 +20,7 @@ import pytest
 
 from pretrain_lib.distributed.launch import free_port
 from pretrain_lib.distributed.local_slurm import LocalSlurm, missing_requirements
+from test_scale_out import logged_step, losses   # the two-node tests read the same metrics.jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "chapters" / "03_distributed" / "slurm" / "pretrain.sbatch"
@@ -38,22 +39,6 @@ def job_args(out_dir: Path, cache_dir: Path) -> list[str]:
               "checkpoint.every": 20, "checkpoint.keep": 2}
     return ["--out", str(out_dir), *(x for k, v in values.items() for x in ("--set", f"{k}={json.dumps(v)}"))]
 
-
-def losses(out_dir: Path) -> dict[int, float]:
-    lines = [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln]
-    steps = [ln["step"] for ln in lines if "loss" in ln]
-    assert len(steps) == len(set(steps)), "a step logged twice"
-    return {ln["step"]: ln["loss"] for ln in lines if "loss" in ln}
-
-
-def logged_step(metrics: Path) -> int:
-    steps = [0]
-    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
-        try:
-            steps.append(int(json.loads(line).get("step", 0)))
-        except ValueError:
-            break
-    return max(steps)
 
 
 def test_pretrain_sbatch_runs_is_preempted_requeued_and_resumes_exactly(tmp_path):
