@@ -24,8 +24,9 @@ $(LAB_OVERRIDES): | $(STAMP)
 	echo '{"@jupyterlab/apputils-extension:kernels-settings": {"commsOverSubshells": "disabled"}}' > $@
 
 ## make run: execute every chapter notebook headlessly into build/ and print a table
+## (make run RECORD=1 also writes each notebook's seconds to chapters/run_seconds.json: longest start first)
 run: setup
-	$(PY) -m pretrain_lib.notebooks --jobs $(JOBS)
+	$(PY) -m pretrain_lib.notebooks --jobs $(JOBS) $(if $(RECORD),--record-seconds)
 
 ## make test: the whole test suite (library, notebooks, exercises, grading, distributed).
 ## --dist loadgroup: tests marked xdist_group(name) share one worker; nbval runs in subprocesses.

@@ -10,6 +10,9 @@ may use two, so two one-thread kernels finish the course in little more than hal
 A notebook whose claims compare wall-clock times (a speed-up, a bandwidth, a copy cost)
 declares ``"runs_alone"`` with its reason in its metadata (``metadata.course.runs_alone``);
 those run first, one at a time, on an otherwise idle machine with the default threads.
+The others start longest first, by the one-thread seconds ``make run`` last recorded in
+``chapters/run_seconds.json`` (``--record-seconds``): the longest lessons started last would
+leave one core idle while the other finishes them.
 """
 from __future__ import annotations
 
@@ -56,6 +59,31 @@ def runs_alone(path: Path) -> str:
     return str(meta.get("course", {}).get("runs_alone", ""))
 
 
+RUN_SECONDS = REPO_ROOT / "chapters" / "run_seconds.json"
+
+
+def recorded_seconds(file: Path = RUN_SECONDS) -> dict[str, float]:
+    """{notebook as the table names it: seconds of its last recorded run}; empty without a record."""
+    try:
+        record = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))} if isinstance(record, dict) else {}
+
+
+def longest_first(paths: list[Path], seconds: dict[str, float]) -> list[Path]:
+    """``paths`` by recorded seconds, longest first; notebooks without a record (new ones, of unknown
+    cost) first of all, in their order: a long one started last would finish alone."""
+    return sorted(paths, key=lambda p: -seconds.get(display_path(p), float("inf")))
+
+
+def record_seconds(runs: list[NotebookRun], file: Path = RUN_SECONDS) -> None:
+    """Merge the seconds of the notebooks that ran ok into ``file`` (what --record-seconds writes)."""
+    record = recorded_seconds(file)
+    record.update({r.notebook: round(r.seconds) for r in runs if r.ok})
+    Path(file).write_text(json.dumps(dict(sorted(record.items())), indent=1) + "\n", encoding="utf-8")
+
+
 def _one_thread_per_kernel() -> None:
     """Worker start-up: kernels started from here (they inherit the environment) use one thread."""
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -72,7 +100,7 @@ def run_all(paths: list[Path], *, jobs: int = 1, parameters: dict | None = None,
         if jobs == 1 or runs_alone(p):
             results[p] = execute_notebook(p, parameters=parameters.get(Path(p).stem), **execute_options)
             on_done(results[p])
-    shared = [p for p in paths if p not in results]
+    shared = longest_first([p for p in paths if p not in results], recorded_seconds())
     if shared:
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, initializer=_one_thread_per_kernel,
                                                     mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -198,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="notebooks run at once, one thread each (notebooks that declare runs_alone run "
                              "first, one at a time); make run uses 2")
+    parser.add_argument("--record-seconds", action="store_true",
+                        help=f"write each notebook's seconds into {display_path(RUN_SECONDS)}, which orders the "
+                             "notebooks longest first (make run RECORD=1, at the defaults with --jobs 2)")
     args = parser.parse_args(argv)
     paths = [Path(p) for p in args.notebooks] or chapter_notebooks()
     missing = [str(p) for p in paths if not p.is_file()]
@@ -215,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                    timeout_s=args.timeout, on_done=lambda run: print(progress_line(run, width), flush=True))
     wall = time.perf_counter() - start
     print_table(runs, wall_s=wall if args.jobs > 1 else None)
+    if args.record_seconds:
+        record_seconds(runs)
     for r in runs:
         if not r.ok:
             print(f"\n{r.notebook} failed:\n{r.error}", file=sys.stderr)

@@ -103,3 +103,28 @@ def test_jobs_below_one_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         notebooks.main([str(nb), "--jobs", "0"])
     assert exit_info.value.code == 2 and "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_longest_recorded_notebooks_start_first_and_unrecorded_ones_before_them():
+    chapters = notebooks.REPO_ROOT / "chapters"
+    a, b, c = (chapters / "01_x" / f"0{i}_{n}.ipynb" for i, n in enumerate("abc", 1))
+    new = chapters / "09_y" / "01_new.ipynb"
+    seconds = {"chapters/01_x/01_a.ipynb": 20.0, "chapters/01_x/02_b.ipynb": 300.0, "chapters/01_x/03_c.ipynb": 45.0}
+    assert notebooks.longest_first([a, b, c, new], seconds) == [new, b, c, a]
+    assert notebooks.longest_first([a, b, c], {}) == [a, b, c]          # no record: course order
+
+
+def test_recorded_seconds_merge_only_notebooks_that_ran_ok_and_a_bad_record_is_ignored(tmp_path):
+    record = tmp_path / "run_seconds.json"
+    record.write_text('{"chapters/01_x/01_a.ipynb": 50, "chapters/01_x/02_b.ipynb": 7}')
+    notebooks.record_seconds([notebooks.NotebookRun("chapters/01_x/01_a.ipynb", 12.4, True),
+                              notebooks.NotebookRun("chapters/01_x/02_b.ipynb", 99.0, False, "boom")], record)
+    assert notebooks.recorded_seconds(record) == {"chapters/01_x/01_a.ipynb": 12.0, "chapters/01_x/02_b.ipynb": 7.0}
+    record.write_text("not json")
+    assert notebooks.recorded_seconds(record) == {}
+    assert notebooks.recorded_seconds(tmp_path / "absent.json") == {}
+
+
+def test_the_shipped_record_names_every_chapter_notebook():
+    missing = {display_path(p) for p in notebooks.chapter_notebooks()} ^ set(notebooks.recorded_seconds())
+    assert not missing, f"record the seconds with `make run RECORD=1` (or fix chapters/run_seconds.json): {missing}"
