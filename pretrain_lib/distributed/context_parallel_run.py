@@ -10,7 +10,9 @@ split (``--splits contiguous,zigzag``) rank 0 writes to ``metrics.json``:
   ``pairs_formula`` (:func:`.context_parallel.causal_pairs_per_rank`);
 - ``compute_s_per_rank``: seconds each rank spends computing blocks at ``--timing-seq-len`` (waits excluded,
   median of the repeats); ``timing``: per rank, every repeat's ``compute_s``, ``wait_s`` (for the next
-  block), ``forward_s`` (the whole forward, wall clock);
+  block), ``forward_s`` (the whole forward, wall clock), and ``full_block_s`` / ``diagonal_block_s``: one
+  block of this split's chunk size timed alone right after that repeat's forward, on every rank at once (the
+  cost per block kind under the same load as the ring);
 - ``memory``: per ``--memory-seq-lens``, the bytes each rank keeps for the backward, the block in flight
   and the largest score block;
 - ``bytes_sent_forward`` / ``bytes_sent_backward`` per rank.
@@ -30,8 +32,8 @@ import torch.nn.functional as F
 
 from ..data.synthetic import arithmetic_batch
 from ..model import ModelConfig, seeded_model
-from .context_parallel import (SPLITS, apply_context_parallel, causal_pairs_per_rank, ring_attention,
-                               shard_sequence)
+from .context_parallel import (SPLITS, apply_context_parallel, block_attention, causal_pairs_per_rank,
+                               chunk_layout, ring_attention, shard_sequence)
 from .errors import run_main
 from .metrics import write_metrics
 from .process_group import DistContext, setup, teardown
@@ -110,10 +112,13 @@ def check_split(split: str, args, ctx: DistContext) -> dict:
 
 
 def _timings(split: str, args, ctx: DistContext) -> dict:
-    """Per repeat, this rank's seconds computing blocks, waiting for the next block, and in the whole forward."""
+    """Per repeat, this rank's seconds computing blocks, waiting for the next block, and in the whole forward;
+    then one full and one diagonal block of the split's chunk size, each timed alone."""
     q, k, v, _ = _qkv(args, args.timing_seq_len, ctx.device, seed_offset=1)
     local = [shard_sequence(t, ctx.rank, ctx.world_size, split) for t in (q, k, v)]
-    seconds: dict = {"compute_s": [], "wait_s": [], "forward_s": []}
+    chunk = args.timing_seq_len // sum(len(c) for c in chunk_layout(ctx.world_size, split))
+    one_chunk = [t[..., :chunk, :] for t in local]
+    seconds: dict = {"compute_s": [], "wait_s": [], "forward_s": [], "full_block_s": [], "diagonal_block_s": []}
     with torch.no_grad():
         for _ in range(args.timing_repeats):
             dist.barrier()
@@ -123,6 +128,11 @@ def _timings(split: str, args, ctx: DistContext) -> dict:
             seconds["forward_s"].append(time.perf_counter() - start)
             seconds["compute_s"].append(stats["compute_s"])
             seconds["wait_s"].append(stats.get("wait_s", 0.0))
+            for kind in ("full", "diagonal"):
+                dist.barrier()
+                start = time.perf_counter()
+                block_attention(*one_chunk, causal=kind == "diagonal")
+                seconds[f"{kind}_block_s"].append(time.perf_counter() - start)
     return seconds
 
 
