@@ -130,25 +130,19 @@ def timed_parts(parts: dict):
                 fn(state)
                 parts[f"{type(cb).__name__}.{hook}"] += time.perf_counter() - start
 
-    def timed_source(batches):
-        fetch = source(batches)
-
-        def timed(i):
+    def timing(fn, part):  # fn, its seconds added to parts[part]
+        def timed(*args):
             start = time.perf_counter()
-            batch = fetch(i)
-            parts["loader"] += time.perf_counter() - start
-            return batch
-        return timed
-
-    def timed_validation_fn(*args, **kwargs):
-        evaluate = val_fn(*args, **kwargs)
-
-        def timed(model):
-            start = time.perf_counter()
-            value = evaluate(model)
-            parts["evaluation (validation loss)"] += time.perf_counter() - start
+            value = fn(*args)
+            parts[part] += time.perf_counter() - start
             return value
         return timed
+
+    def timed_source(batches):
+        return timing(source(batches), "loader")
+
+    def timed_validation_fn(*args, **kwargs):
+        return timing(val_fn(*args, **kwargs), "evaluation (validation loss)")
 
     engine._call, engine._batch_source, capstone_trainer.validation_fn = timed_call, timed_source, timed_validation_fn
     try:
