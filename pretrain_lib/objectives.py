@@ -245,9 +245,28 @@ def prefix_lm_example(input_ids: torch.Tensor, *, min_prefix: float = 0.25, max_
 def prefix_lm_loss(model, example: dict[str, torch.Tensor],
                    attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean loss, n targets)`` of a causal ``model`` on an example from the builders above."""
-    logits = model(example["input_ids"], attention_mask, prefix_len=example["prefix_len"])
-    labels = example["labels"]
-    return clm_loss(logits, labels), (labels[:, 1:] != IGNORE_INDEX).sum()
+    return sparse_clm_loss(model, example["input_ids"], example["labels"], attention_mask,
+                           prefix_len=example["prefix_len"])
+
+
+def sparse_clm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    *, prefix_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clm_loss(model(input_ids, ...), labels), n targets)``, with the output projection onto the
+    vocabulary done only at the positions whose next label is not ``IGNORE_INDEX``.
+
+    The same loss (the mean next-token cross-entropy over the labelled targets) and the same
+    gradients, but when few positions carry a target (span corruption: about a fifth; a prefix LM:
+    about half) most of the projection, a large share of a small model's compute, is skipped. A
+    model without a ``backbone`` (not the course GPT) is run whole."""
+    lm = getattr(model, "module", model)     # under DDP, the GPT inside
+    targets = labels[:, 1:]
+    chosen = targets != IGNORE_INDEX
+    if not (hasattr(lm, "backbone") and hasattr(lm, "_readout")) or hasattr(lm, "head_dense"):
+        return clm_loss(model(input_ids, attention_mask, prefix_len=prefix_len), labels), chosen.sum()
+    hidden = lm.backbone(input_ids, attention_mask, prefix_len)[:, :-1]
+    logits = lm._readout(hidden[chosen] @ lm.backbone.tok_emb.weight.T)     # GPT.forward's head, on (n, d)
+    n = chosen.sum()
+    return F.cross_entropy(logits.float(), targets[chosen], reduction="sum") / n.clamp(min=1), n
 
 
 def span_corruption_objective(*, sentinel_ids: Sequence[int], sep_id: int, noise_density: float = 0.15,
@@ -346,7 +365,15 @@ def prefix_lm_row_scores(model, example: dict[str, torch.Tensor]) -> dict[str, t
     position (aligned with ``labels[:, 1:]``), so a caller can score a subset of the targets.
     """
     logits = model.eval()(example["input_ids"], prefix_len=example["prefix_len"]).float()[:, :-1]
-    labels = example["labels"][:, 1:]
+    return row_scores_from_logits(logits, example["labels"])
+
+
+@torch.no_grad()
+def row_scores_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`prefix_lm_row_scores` from logits already computed, ``(batch, seq - 1, vocab)`` (the
+    model's output without its last position), so that one forward can be scored against several
+    labellings of the same input (e.g. all targets, then a subset)."""
+    labels = labels[:, 1:]
     scored = labels != IGNORE_INDEX
     per_token = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none") * scored
     return {"loss": (per_token.sum(1) / scored.sum(1).clamp(min=1)).cpu(),

@@ -123,3 +123,26 @@ def test_prefix_lm_row_scores_match_prefix_lm_loss_row_by_row():
     with torch.no_grad():
         top = model(example["input_ids"], prefix_len=example["prefix_len"])[:, :-1].argmax(-1)
     assert torch.equal(rows["correct"], (top == example["labels"][:, 1:]) & rows["scored"])
+
+
+def test_sparse_clm_loss_gives_the_full_heads_loss_and_gradients():
+    """prefix_lm_loss runs the output projection only where a target is labelled: same loss, same gradients."""
+    from pretrain_lib.objectives import sparse_clm_loss
+    ids = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(1))
+    example = prefix_lm_example(ids, generator=torch.Generator().manual_seed(2))
+    results = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(vocab_size=50, d_model=16, n_heads=2, n_layers=1, max_seq_len=12))
+        if sparse:
+            loss, n = sparse_clm_loss(model, example["input_ids"], example["labels"], prefix_len=example["prefix_len"])
+        else:
+            logits = model(example["input_ids"], prefix_len=example["prefix_len"])
+            loss, n = clm_loss(logits, example["labels"]), (example["labels"][:, 1:] != IGNORE_INDEX).sum()
+        loss.backward()
+        results.append((loss.detach(), int(n), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (full, n_full, g_full), (sparse, n_sparse, g_sparse) = results
+    assert n_full == n_sparse > 0
+    assert sparse.item() == pytest.approx(full.item(), rel=1e-5)
+    for name in g_full:
+        torch.testing.assert_close(g_sparse[name], g_full[name], rtol=1e-4, atol=1e-6)
