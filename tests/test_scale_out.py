@@ -141,9 +141,6 @@ def test_two_nodes_equal_one_process_and_resume_exactly(parallel, single, two_no
 
 
 @pytest.mark.xdist_group("torchrun")
-@pytest.mark.skipif(os.environ.get("COURSE_ELASTIC_TEST") != "1",
-                    reason="opt-in (COURSE_ELASTIC_TEST=1): passed 3 of 5 runs on the shared 2-core machine; one run's "
-                           "restarted rank 0 exited 1 and one restart hung past 300 s, cause not found yet (issue 25)")
 def test_elastic_restart_after_a_lost_rank_resumes_exactly(two_nodes, cache_dir, tmp_path):
     """torchrun --max-restarts 1: rank 1 SIGKILLed after step 10 is logged, the agent restarts both ranks, and
     --resume=auto continues from the last checkpoint (step 8 or later); the losses equal the uninterrupted run's."""

@@ -55,8 +55,9 @@ def setup(init_timeout_s: float = 60.0) -> DistContext:
             print(f"{local_world} processes per node but {torch.cuda.device_count()} GPU(s): running on the CPU with gloo",
                   flush=True)
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=init_timeout_s),
-                            device_id=device if backend == "nccl" else None)
+    timeout = timedelta(seconds=init_timeout_s)
+    dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None,
+                            **_attempt_store(timeout))
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
@@ -70,3 +71,21 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _attempt_store(timeout: timedelta) -> dict:
+    """Under torchrun's elastic restart, the rendezvous keys of this attempt only.
+
+    The agent's key-value store outlives a restart (same port), and the process group's keys are
+    the same in every attempt: a restarted rank could read the address a killed rank of the previous
+    attempt left there and fail to connect to it ("Connection refused"), depending on which rank writes
+    first. A prefix per attempt (``TORCHELASTIC_RESTART_COUNT``) keeps the attempts apart. Outside an
+    elastic agent's store, ``init_process_group`` reads the environment as usual (``{}``).
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return {"store": dist.PrefixStore(f"course/attempt_{attempt}", agent_store),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
