@@ -69,7 +69,10 @@ def test_pretrain_sbatch_runs_is_preempted_requeued_and_resumes_exactly(tmp_path
             time.sleep(0.01)
         slurm.command("scancel", "--signal=USR1", "--batch", str(cut))   # as --signal=B:USR1@180 would
         slurm.wait_for(cut, lambda j: j["JobState"] == "PENDING" and int(j["Restarts"]) >= 1, "the requeue")
-        # Slurm holds a requeued job for 120 s (Reason=BeginTime); an operator may start it at once, as here
+        # Slurm holds a requeued job for 120 s (Reason=BeginTime); an operator may start it at once, as here, but
+        # not within the second its old step was killed: slurmd compares credential times in whole seconds and
+        # refuses a launch whose credential is no newer than the revocation ("Job credential revoked", job FAILED)
+        time.sleep(2)
         slurm.command("scontrol", "update", f"JobId={cut}", "StartTime=now")
         job = slurm.wait_for(cut, lambda j: j["JobState"] == "COMPLETED" and int(j["Restarts"]) >= 1,
                              "the requeued job to complete", timeout_s=400)
