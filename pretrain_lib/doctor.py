@@ -138,7 +138,7 @@ def check_threads() -> Check:
     if cores < 2:
         return Check("threads", WARN, f"{detail}: the two-rank chapter 3 runs share one core, so make run and make test "
                                       "take about twice as long; use make test JOBS=1")
-    return Check("threads", OK, f"{detail} (make run takes about 30 minutes on 2 cores)")
+    return Check("threads", OK, f"{detail} (make run takes about 25 minutes on 2 cores)")
 
 
 def _total_memory_bytes() -> int | None:
