@@ -126,3 +126,30 @@ def test_train_clm_is_a_function_of_its_seed():
     b, _ = train_clm(tokens, config, steps=30, batch_size=4, lr=1e-2, seed=3, device="cpu")
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert history.losses[-1] < history.losses[0] - 0.5
+
+
+def test_pronoun_positions_keep_whole_words_only():
+    # ids: 1 " he" (male), 2 " she" (female), 5 "aven" (continues a word), 6 " the", 7 "," (punctuation)
+    windows = torch.tensor([[6, 1, 5, 6, 2, 7, 1, 6, 1]])
+    from pretrain_lib.extensions.bias import pronoun_positions, pronoun_token_share
+    female, male, cont = torch.tensor([2]), torch.tensor([1]), torch.tensor([5])
+    # targets are windows[0, 1:] = [1, 5, 6, 2, 7, 1, 6, 1]: pronouns at 0, 3, 5, 7
+    assert pronoun_positions(windows, torch.tensor([1, 2])).nonzero()[:, 1].tolist() == [0, 3, 5, 7]
+    # " he" + "aven" is "heaven", not a pronoun; the last target has no next token in the window
+    assert pronoun_positions(windows, torch.tensor([1, 2]), cont).nonzero()[:, 1].tolist() == [3, 5]
+    assert pronoun_token_share(windows, female, male) == pytest.approx(1 / 4)
+    assert pronoun_token_share(windows, female, male, cont) == pytest.approx(1 / 2)
+
+
+def test_word_continuation_ids_are_the_pieces_inside_words():
+    from pretrain_lib.data.tokenizer import train_tokenizer
+    from pretrain_lib.extensions.bias import word_continuation_ids
+    text = "he went to heaven and she said he was here, hence his hat. " * 50
+    tok = train_tokenizer([text], vocab_size=300)
+    cont = set(word_continuation_ids(tok).tolist())
+    for word in (" heathen", " hermit", " shewn"):   # unseen words: split into pieces
+        ids = tok.encode(word).ids
+        assert len(ids) > 1, word
+        # the first piece starts the word (leading space); every later piece continues it
+        assert ids[0] not in cont and all(i in cont for i in ids[1:]), (word, [tok.decode([i]) for i in ids])
+    assert tok.encode(",").ids[0] not in cont and tok.encode(" he").ids[0] not in cont

@@ -63,11 +63,40 @@ def pronoun_token_ids(tokenizer, words) -> torch.Tensor:
     return torch.tensor(sorted(found))
 
 
+def word_continuation_ids(tokenizer) -> torch.Tensor:
+    """Ids of the tokens that continue a word: their text starts with a letter (no leading space).
+    A pronoun token followed by one of them is the first piece of a longer word: " he" + "aven"."""
+    return torch.tensor([i for i in range(tokenizer.get_vocab_size()) if tokenizer.decode([i])[:1].isalpha()],
+                        dtype=torch.long)
+
+
+def pronoun_positions(windows: torch.Tensor, pronoun_ids: torch.Tensor,
+                      continuation_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask over the targets ``windows[:, 1:]``: where the text continues with a pronoun token.
+    With ``continuation_ids``, only where that token is a whole word: the token after it does not
+    continue it. The last target of a window, whose next token is not in the window, is then left out."""
+    at = torch.isin(windows[:, 1:], pronoun_ids)
+    if continuation_ids is not None:
+        whole = torch.zeros_like(at)
+        whole[:, :-1] = ~torch.isin(windows[:, 2:], continuation_ids)
+        at &= whole
+    return at
+
+
+def pronoun_token_share(windows: torch.Tensor, female_ids: torch.Tensor, male_ids: torch.Tensor,
+                        continuation_ids: torch.Tensor | None = None) -> float:
+    """The female share of the pronoun tokens at the positions :func:`pronoun_positions` selects."""
+    at = pronoun_positions(windows, torch.cat([female_ids, male_ids]), continuation_ids)
+    return torch.isin(windows[:, 1:][at], female_ids).sum().item() / at.sum().item()
+
+
 @torch.no_grad()
 def pronoun_predictions(model: nn.Module, windows: torch.Tensor, female_ids: torch.Tensor, male_ids: torch.Tensor,
-                        *, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """At every position of ``windows`` whose next token is a pronoun token: the model's female
-    share ``p(female) / (p(female) + p(male))``. Returns ``(shares, per-window mean loss)``."""
+                        *, continuation_ids: torch.Tensor | None = None,
+                        batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """At every position of ``windows`` whose next token is a pronoun (a whole word when
+    ``continuation_ids`` is given, see :func:`pronoun_positions`): the model's female share
+    ``p(female) / (p(female) + p(male))``. Returns ``(shares, per-window mean loss)``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -78,7 +107,7 @@ def pronoun_predictions(model: nn.Module, windows: torch.Tensor, female_ids: tor
         targets = chunk[:, 1:]
         losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1))
         probs = logits.softmax(-1)
-        at = torch.isin(targets, pronouns)
+        at = pronoun_positions(chunk, pronouns, continuation_ids)
         p_f, p_m = probs[..., female_ids].sum(-1)[at], probs[..., male_ids].sum(-1)[at]
         shares.append(p_f / (p_f + p_m))
     model.train(was_training)
