@@ -153,3 +153,17 @@ def test_word_continuation_ids_are_the_pieces_inside_words():
         # the first piece starts the word (leading space); every later piece continues it
         assert ids[0] not in cont and all(i in cont for i in ids[1:]), (word, [tok.decode([i]) for i in ids])
     assert tok.encode(",").ids[0] not in cont and tok.encode(" he").ids[0] not in cont
+
+
+def test_pronoun_place_losses_are_the_cross_entropy_at_those_places():
+    from pretrain_lib.extensions.bias import pronoun_place_losses
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=12, d_model=16, n_heads=2, n_layers=1, max_seq_len=8))
+    windows = torch.tensor([[3, 1, 4, 2, 7, 1, 9, 5], [2, 8, 8, 1, 3, 3, 2, 6]])
+    got = pronoun_place_losses(model, windows, torch.tensor([1, 2]), torch.tensor([4]))
+    with torch.no_grad():
+        logits = model(windows)
+    # targets windows[:, 1:]; pronouns (1, 2) followed by a non-continuation (not 4), last target excluded
+    places = [(0, 2), (0, 4), (1, 2), (1, 5)]   # (row, target index): 2 then 7; 1 then 9; 1 then 3; 2 then 6
+    expected = [F.cross_entropy(logits[r, t][None], windows[r, t + 1][None]).item() for r, t in places]
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)

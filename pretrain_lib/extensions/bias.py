@@ -114,6 +114,23 @@ def pronoun_predictions(model: nn.Module, windows: torch.Tensor, female_ids: tor
     return torch.cat(shares), torch.cat(losses)
 
 
+@torch.no_grad()
+def pronoun_place_losses(model: nn.Module, windows: torch.Tensor, pronoun_ids: torch.Tensor,
+                         continuation_ids: torch.Tensor | None = None, *, batch_size: int = 32) -> torch.Tensor:
+    """The model's cross-entropy (nats) at each place :func:`pronoun_positions` selects: how well it
+    predicts the pronoun that the text actually has there."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    losses = []
+    for chunk in windows.split(batch_size):
+        logits = model(chunk.to(device))[:, :-1].float().cpu()
+        per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
+        losses.append(per_token[pronoun_positions(chunk, pronoun_ids, continuation_ids)])
+    model.train(was_training)
+    return torch.cat(losses)
+
+
 PII_PATTERNS = {
     "EMAIL": re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b"),
     "PHONE": re.compile(r"\+?\d[\d ()-]{7,}\d"),
