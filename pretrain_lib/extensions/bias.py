@@ -91,43 +91,44 @@ def pronoun_token_share(windows: torch.Tensor, female_ids: torch.Tensor, male_id
 
 
 @torch.no_grad()
+def _logits_by_chunk(model: nn.Module, windows: torch.Tensor, batch_size: int):
+    """``(chunk, logits)`` over ``windows`` in chunks, in eval mode (restored after): the logits
+    predict ``chunk[:, 1:]``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for chunk in windows.split(batch_size):
+            yield chunk, model(chunk.to(device))[:, :-1].float().cpu()
+    finally:
+        model.train(was_training)
+
+
 def pronoun_predictions(model: nn.Module, windows: torch.Tensor, female_ids: torch.Tensor, male_ids: torch.Tensor,
                         *, continuation_ids: torch.Tensor | None = None,
                         batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """At every position of ``windows`` whose next token is a pronoun (a whole word when
     ``continuation_ids`` is given, see :func:`pronoun_positions`): the model's female share
     ``p(female) / (p(female) + p(male))``. Returns ``(shares, per-window mean loss)``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     pronouns = torch.cat([female_ids, male_ids])
     shares, losses = [], []
-    for chunk in windows.split(batch_size):
-        logits = model(chunk.to(device))[:, :-1].float().cpu()
-        targets = chunk[:, 1:]
-        losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1))
+    for chunk, logits in _logits_by_chunk(model, windows, batch_size):
+        losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none").mean(1))
         probs = logits.softmax(-1)
         at = pronoun_positions(chunk, pronouns, continuation_ids)
         p_f, p_m = probs[..., female_ids].sum(-1)[at], probs[..., male_ids].sum(-1)[at]
         shares.append(p_f / (p_f + p_m))
-    model.train(was_training)
     return torch.cat(shares), torch.cat(losses)
 
 
-@torch.no_grad()
 def pronoun_place_losses(model: nn.Module, windows: torch.Tensor, pronoun_ids: torch.Tensor,
                          continuation_ids: torch.Tensor | None = None, *, batch_size: int = 32) -> torch.Tensor:
     """The model's cross-entropy (nats) at each place :func:`pronoun_positions` selects: how well it
     predicts the pronoun that the text actually has there."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     losses = []
-    for chunk in windows.split(batch_size):
-        logits = model(chunk.to(device))[:, :-1].float().cpu()
+    for chunk, logits in _logits_by_chunk(model, windows, batch_size):
         per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
         losses.append(per_token[pronoun_positions(chunk, pronoun_ids, continuation_ids)])
-    model.train(was_training)
     return torch.cat(losses)
 
 
