@@ -80,20 +80,37 @@ def paired_difference(a: Sequence[float], b: Sequence[float], what: str = "seeds
 
 
 def bootstrap_mean(values: Sequence[float], *, n_resamples: int = 2000, level: float = 0.95, seed: int = 0,
-                   what: str = "windows") -> Estimate:
+                   what: str = "windows", groups: Sequence[int] | None = None) -> Estimate:
     """Mean of ``values`` with the half-width of its bootstrap ``level`` interval as the spread.
 
     For a validation loss, pass the per-window losses; for a difference between two models
-    evaluated on the same windows, pass the per-window differences (a paired bootstrap)."""
+    evaluated on the same windows, pass the per-window differences (a paired bootstrap).
+
+    ``groups`` (one label per value) makes it a cluster bootstrap: whole groups are resampled,
+    for values that are not independent within a group (the masked positions of one window
+    share its context). The mean is still over all values; ``n`` and ``what`` count groups."""
     v = np.asarray(values, dtype=float)
     if v.size < 2:
         raise ValueError(f"bootstrap_mean needs at least 2 values, got {v.size}")
     if not 0.5 < level < 1.0:
         raise ValueError(f"level must be in (0.5, 1), got {level}")
     rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_resamples, v.size))].mean(axis=1)
+    if groups is None:
+        means = v[rng.integers(0, v.size, size=(n_resamples, v.size))].mean(axis=1)
+        n = v.size
+    else:
+        labels = np.asarray(groups)
+        if labels.shape != v.shape:
+            raise ValueError(f"groups needs one label per value, got {labels.shape} for {v.shape}")
+        _, index = np.unique(labels, return_inverse=True)
+        sums, counts = np.bincount(index, weights=v), np.bincount(index).astype(float)
+        n = sums.size
+        if n < 2:
+            raise ValueError(f"a cluster bootstrap needs at least 2 groups, got {n}")
+        picks = rng.integers(0, n, size=(n_resamples, n))
+        means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return Estimate(float(v.mean()), float((hi - lo) / 2), int(v.size), what, kind=f"{level:.0%} interval")
+    return Estimate(float(v.mean()), float((hi - lo) / 2), int(n), what, kind=f"{level:.0%} interval")
 
 
 def clearly_exceeds(effect: float, noise: float, factor: float = 2.0) -> bool:

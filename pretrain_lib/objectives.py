@@ -329,9 +329,12 @@ def masked_position_scores(model, batches: Iterable[tuple[torch.Tensor, torch.Te
     ``scored`` ``(batch, seq)`` bool picks the positions (e.g. those shown as ``[MASK]``).
     Returns 1-D CPU tensors over those positions, in order: ``loss`` (nats, ``-log p`` of the
     label), ``rank`` (how many tokens score strictly higher than the label: 0 means the top
-    guess is right, ``< k`` means the label is in the top k) and ``top`` (the top guess).
+    guess is right, ``< k`` means the label is in the top k), ``top`` (the top guess) and
+    ``window`` (which row of all the batches, counted from 0, the position lies in: positions
+    of one window share its context, so a bootstrap should resample windows, not positions).
     """
-    out: dict[str, list[torch.Tensor]] = {"loss": [], "rank": [], "top": []}
+    out: dict[str, list[torch.Tensor]] = {"loss": [], "rank": [], "top": [], "window": []}
+    rows_before = 0
     for inputs, labels, scored in batches:
         log_probs = model.eval()(inputs.to(device)).float().log_softmax(-1).cpu()[scored]
         target = labels[scored]
@@ -339,6 +342,8 @@ def masked_position_scores(model, batches: Iterable[tuple[torch.Tensor, torch.Te
         out["loss"].append(-true[:, 0])
         out["rank"].append((log_probs > true).sum(-1))
         out["top"].append(log_probs.argmax(-1))
+        out["window"].append(scored.nonzero()[:, 0] + rows_before)   # row-major, as scored indexes log_probs
+        rows_before += scored.shape[0]
     return {k: torch.cat(v) for k, v in out.items()}
 
 

@@ -45,6 +45,23 @@ def test_bootstrap_interval_of_a_constant_is_zero_and_of_a_spread_sample_matches
         bootstrap_mean([1.0])
 
 
+def test_cluster_bootstrap_resamples_whole_groups():
+    # two groups whose values are constant inside: the only noise is which group is drawn, so the
+    # interval is that of a mean of 2 draws from {0, 10}, weighted by group size
+    values, groups = [0.0] * 3 + [10.0] * 3, [7, 7, 7, 9, 9, 9]
+    est = bootstrap_mean(values, groups=groups, n_resamples=4000)
+    assert est.mean == pytest.approx(5.0) and est.n == 2
+    assert est.spread == pytest.approx(5.0)         # resampled means are 0, 5 or 10: the 95 % interval is [0, 10]
+    assert bootstrap_mean(values, n_resamples=4000).spread < 5.0   # per value, the same data look 6 times surer
+    # groups of one value each are the ordinary bootstrap
+    x = [float(i) for i in range(50)]
+    assert bootstrap_mean(x, groups=range(50)).spread == pytest.approx(bootstrap_mean(x).spread, rel=0.1)
+    with pytest.raises(ValueError):
+        bootstrap_mean(values, groups=[1, 2])
+    with pytest.raises(ValueError):
+        bootstrap_mean(values, groups=[1] * 6)
+
+
 def test_clearly_exceeds_needs_twice_a_measured_noise():
     assert clearly_exceeds(0.3, 0.1) and not clearly_exceeds(0.15, 0.1) and clearly_exceeds(-0.3, 0.1)
     with pytest.raises(ValueError):

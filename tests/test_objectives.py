@@ -159,6 +159,10 @@ def test_masked_position_scores_match_cross_entropy_and_a_hand_rank():
     unscored = masked_position_scores(_FixedLogits(logits), [(torch.zeros(1, 2, dtype=torch.long), labels,
                                                               torch.tensor([[False, True]]))])
     assert unscored["rank"].tolist() == [1]
+    # window: the row each scored position lies in, counted across batches
+    two = masked_position_scores(_FixedLogits(logits.expand(2, 2, 4)), [
+        (torch.zeros(2, 2, dtype=torch.long), labels.expand(2, 2), torch.tensor([[True, False], [True, True]]))] * 2)
+    assert two["window"].tolist() == [0, 1, 1, 2, 3, 3]
 
 
 def test_per_window_clm_loss_averages_to_clm_loss():
