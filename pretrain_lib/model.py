@@ -235,6 +235,27 @@ def _init_weights(model: nn.Module, config: ModelConfig) -> None:
             nn.init.zeros_(p)
 
 
+def materialise(model: nn.Module, device: torch.device | str = "cpu") -> nn.Module:
+    """Give a model built on the meta device (``with torch.device("meta"): GPT(config)``) real
+    storage on ``device`` and initialise it as the constructor would (norm gains 1, matrices
+    normal, biases 0, buffers 0); returns ``model``.
+
+    Applied after FSDP2's ``fully_shard``, each rank allocates and initialises only its own
+    shard of every parameter: a model larger than one rank's memory can be built that way.
+    Random draws then come from each shard's generator, so the values differ from
+    ``seeded_model``'s; the distributions are the same.
+    """
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if module is not model and hasattr(module, "reset_parameters"):
+                module.reset_parameters()        # LayerNorm/RMSNorm gains to 1; Linear and Embedding drawn
+        for buffer in model.buffers():
+            buffer.zero_()                       # the MoE layers' bias and load counters start at 0
+        _init_weights(model, model.config)       # the course's own init overwrites matrices and biases
+    return model
+
+
 class _LanguageModel(nn.Module):
     config: ModelConfig
     backbone: TransformerBackbone
