@@ -428,3 +428,14 @@ def test_isoflop_can_leave_extrapolated_vertices_out():
     assert abs(every.exponent_n_opt - 0.5139) > abs(inside.exponent_n_opt - 0.5139)
     with pytest.raises(ValueError, match="inside the sizes tried"):
         fit_isoflop([r for r in runs if r.compute >= 1e20], bracketed_only=True)
+
+
+def test_equal_distance_rise_reads_both_sides_at_the_shorter_reach():
+    from pretrain_lib.scaling.approach2 import equal_distance_rise
+    e = math.e
+    # best at N = e; one e-fold each side: rises 1 (left) and 3 (right)
+    assert equal_distance_rise([1, e, e * e], [1.0, 0.0, 3.0]) == pytest.approx((1.0, 1.0, 3.0))
+    # the right side reaches two e-folds, the left one: read both at one e-fold, the right interpolated
+    assert equal_distance_rise([1, e, e ** 3], [1.0, 0.0, 4.0]) == pytest.approx((1.0, 1.0, 2.0))
+    dist, left, right = equal_distance_rise([1, e], [0.0, 1.0])      # the best run at an end: nothing to compare
+    assert dist == 0.0 and math.isnan(left) and math.isnan(right)

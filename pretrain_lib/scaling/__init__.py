@@ -12,11 +12,11 @@ C ≈ 6 N D the training FLOPs. One concern per module:
 - :mod:`.lbfgs`: a vectorised L-BFGS that minimises thousands of small problems at once.
 - :mod:`.approach3`: the paper's Approach 3 (:func:`fit_chinchilla`: Huber on log-loss,
   log-sum-exp, L-BFGS from a grid of starts, bootstrap intervals).
-- :mod:`.approach2`: IsoFLOP profiles (:func:`fit_isoflop`).
+- :mod:`.approach2`: IsoFLOP profiles (:func:`fit_isoflop`) and how lopsided one is (:func:`equal_distance_rise`).
 - :mod:`.sweep`: an IsoFLOP sweep on the CPU through the Chapter 2 data pipeline and the
   training engine (:func:`prepare_sweep_data`, :func:`run_isoflop_sweep`).
 """
-from .approach2 import IsoFlopFit, IsoFlopRun, fit_isoflop
+from .approach2 import IsoFlopFit, IsoFlopRun, equal_distance_rise, fit_isoflop
 from .approach3 import PAPER_GRID, fit_chinchilla, grid_starts, huber, log_huber_objective
 from .law import (PARAM_NAMES, ChinchillaFit, chinchilla_loss, compute_optimal, compute_overhead, floor_size_factor,
                   flops_per_token, scaling_params, training_flops)
@@ -27,7 +27,7 @@ from .sweep import ModelShape, SweepData, prepare_sweep_data, run_isoflop_sweep,
 __all__ = [
     "BatchedLBFGSResult", "ChinchillaData", "ChinchillaFit", "DATA_FILE", "EPOCH_FIT", "IsoFlopFit", "IsoFlopRun",
     "ModelShape", "PAPER_FIT", "PAPER_GRID", "PARAM_NAMES", "REPLICATION_FIT", "SweepData", "batched_lbfgs",
-    "chinchilla_loss", "compute_optimal", "compute_overhead", "fit_chinchilla", "fit_isoflop", "floor_size_factor",
-    "flops_per_token", "grid_starts", "huber", "load_chinchilla_data", "log_huber_objective",
+    "chinchilla_loss", "compute_optimal", "compute_overhead", "equal_distance_rise", "fit_chinchilla", "fit_isoflop",
+    "floor_size_factor", "flops_per_token", "grid_starts", "huber", "load_chinchilla_data", "log_huber_objective",
     "prepare_sweep_data", "run_isoflop_sweep", "scaling_params", "split_texts", "sweep_batches", "training_flops",
 ]

@@ -122,3 +122,23 @@ def fit_isoflop(runs: Iterable[IsoFlopRun | Mapping[str, float]], *, bracketed_o
                       convex=convex_arr, bracketed=bracketed_arr, used=use,
                       exponent_n_opt=float(x_n), exponent_d_opt=float(x_d),
                       log_kN=float(log_kN), log_kD=float(log_kD))
+
+
+def equal_distance_rise(params: Iterable[float], losses: Iterable[float]) -> tuple[float, float, float]:
+    """How lopsided one IsoFLOP curve is: ``(distance, rise left, rise right)``.
+
+    From the best run, the loss rise towards smaller and towards larger models, both read at
+    the same distance in e-folds of N (as far as both sides of the grid reach; losses in
+    between interpolated linearly in log N). ``(0, nan, nan)`` when the best run is at an end.
+    """
+    pts = sorted(zip(params, losses))
+    if len(pts) < 2:
+        raise ValueError("an IsoFLOP curve needs at least two runs")
+    n = np.array([p for p, _ in pts], dtype=float)
+    y = np.array([loss for _, loss in pts], dtype=float)
+    best = int(np.argmin(y))
+    x, y = np.log(n / n[best]), y - y[best]
+    dist = min(-x[0], x[-1])
+    if dist <= 0:
+        return 0.0, math.nan, math.nan
+    return float(dist), float(np.interp(-dist, x, y)), float(np.interp(dist, x, y))
