@@ -81,7 +81,8 @@ def record_seconds(runs: list[NotebookRun], file: Path = RUN_SECONDS) -> None:
     """Merge the seconds of the notebooks that ran ok into ``file`` (what --record-seconds writes)."""
     record = recorded_seconds(file)
     record.update({r.notebook: round(r.seconds) for r in runs if r.ok})
-    Path(file).write_text(json.dumps(dict(sorted(record.items())), indent=1) + "\n", encoding="utf-8")
+    record = {name: round(seconds) for name, seconds in sorted(record.items())}   # whole seconds, as read back
+    Path(file).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
 
 def _one_thread_per_kernel() -> None:

@@ -120,6 +120,7 @@ def test_recorded_seconds_merge_only_notebooks_that_ran_ok_and_a_bad_record_is_i
     notebooks.record_seconds([notebooks.NotebookRun("chapters/01_x/01_a.ipynb", 12.4, True),
                               notebooks.NotebookRun("chapters/01_x/02_b.ipynb", 99.0, False, "boom")], record)
     assert notebooks.recorded_seconds(record) == {"chapters/01_x/01_a.ipynb": 12.0, "chapters/01_x/02_b.ipynb": 7.0}
+    assert '"chapters/01_x/02_b.ipynb": 7\n' in record.read_text()   # whole seconds stay whole after a merge
     record.write_text("not json")
     assert notebooks.recorded_seconds(record) == {}
     assert notebooks.recorded_seconds(tmp_path / "absent.json") == {}
