@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -75,13 +76,28 @@ def pipeline_stage(model: GPT, rank: int, n_stages: int) -> Stage:
     return Stage(model, rank, n_stages)
 
 
-def sync_tied_gradients(stage: Stage, device: torch.device) -> None:
-    """Sum the tied embedding's gradient over its two copies (first and last stage)."""
+@dataclass
+class PipeGroup:
+    """The ranks of one pipeline: this rank's stage index ``rank`` of ``size`` stages, the global rank
+    of every stage (``ranks``) and their process group (None: the whole job is one pipeline)."""
+    rank: int
+    size: int
+    ranks: list[int]
+    group: dist.ProcessGroup | None
+    device: torch.device
+
+    @classmethod
+    def whole_job(cls, ctx: DistContext) -> "PipeGroup":
+        return cls(ctx.rank, ctx.world_size, list(range(ctx.world_size)), None, ctx.device)
+
+
+def sync_tied_gradients(stage: Stage, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+    """Sum the tied embedding's gradient over its two copies (first and last stage of ``group``'s pipeline)."""
     w = stage.tied_weight()
     grad = w.grad if (w is not None and w.grad is not None) else \
         torch.zeros(stage.tied_shape, dtype=stage.tied_dtype, device=device)
     grad = grad.contiguous()
-    dist.all_reduce(grad)  # middle stages contribute zeros
+    dist.all_reduce(grad, group=group)  # middle stages contribute zeros
     if w is not None:
         w.grad = grad
 
@@ -107,11 +123,13 @@ class ByHandSchedule:
     ``{"input_ids": (b / m, t)}``: the first stage embeds them, the last scores them).
     Sends are asynchronous so two neighbours that both send first cannot deadlock. With
     ``timed`` each step records its compute spans and the step's window (barrier to barrier)
-    for the bubble measurement.
+    for the bubble measurement. ``ctx`` is the job (one pipeline over all ranks) or a
+    :class:`PipeGroup` (one of several pipelines, e.g. the pp dimension of a device mesh).
     """
 
-    def __init__(self, stage: Stage, ctx: DistContext, order_fn, *, timed: bool = False):
-        self.stage, self.ctx, self.order_fn, self.timed = stage, ctx, order_fn, timed
+    def __init__(self, stage: Stage, ctx: DistContext | PipeGroup, order_fn, *, timed: bool = False):
+        self.ctx = ctx if isinstance(ctx, PipeGroup) else PipeGroup.whole_job(ctx)
+        self.stage, self.order_fn, self.timed = stage, order_fn, timed
         self.bytes_sent = 0
         self.steps: list[dict] = []   # per timed step: busy seconds, window seconds, op durations
 
@@ -123,14 +141,15 @@ class ByHandSchedule:
     def __call__(self, model, micro_batches, objective, *, autocast, no_sync, scaler):
         stage, ctx = self.stage, self.ctx
         micro = [b["input_ids"] for b in micro_batches]
-        order = self.order_fn(len(micro), ctx.rank, ctx.world_size)
-        prev, nxt = ctx.rank - 1, ctx.rank + 1
+        order = self.order_fn(len(micro), ctx.rank, ctx.size)
+        prev = ctx.ranks[ctx.rank - 1] if ctx.rank > 0 else None           # global ranks of the neighbours
+        nxt = ctx.ranks[ctx.rank + 1] if ctx.rank < ctx.size - 1 else None
         inputs: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
         pending, spans = [], []
         loss_sum = torch.zeros((), device=ctx.device)
         if self.timed:
-            dist.barrier()
+            dist.barrier(group=ctx.group)
         window_start = self._clock()
         for op, i in order:
             if op == "F":
@@ -166,14 +185,14 @@ class ByHandSchedule:
         for work in pending:
             work.wait()
         if self.timed:
-            dist.barrier()  # the window ends when the slowest stage is done: the same window for all
+            dist.barrier(group=ctx.group)  # the window ends when the slowest stage is done: the same window for all
             window = self._clock() - window_start
             f = [e - s for op, _, s, e in spans if op == "F"]
             b = [e - s for op, _, s, e in spans if op == "B"]
             # spans on the machine's monotonic clock, which every process on this machine shares
             self.steps.append({"busy": sum(f) + sum(b), "window": window, "start": window_start,
                                "forward": sum(f) / len(f), "backward": sum(b) / len(b), "spans": spans})
-        sync_tied_gradients(stage, ctx.device)
+        sync_tied_gradients(stage, ctx.device, ctx.group)
         return loss_sum, sum(n_targets(m) for m in micro).to(ctx.device)
 
 

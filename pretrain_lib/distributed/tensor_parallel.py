@@ -40,31 +40,38 @@ def _tp_mesh(ctx: DistContext):
     return init_device_mesh(ctx.device.type, (ctx.world_size,))
 
 
-def gather_full_params(model: GPT, variant: str, ctx: DistContext) -> dict[str, torch.Tensor]:
-    """Reassemble the unsharded weights under the original GPT's parameter names."""
+def gather_full_params(model: GPT, variant: str, ctx: DistContext, group: dist.ProcessGroup | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """Reassemble the unsharded weights under the original GPT's parameter names. ``group`` is the
+    tensor-parallel group of the by-hand split (default: every rank); a parameter that is also a
+    DTensor (FSDP2 over a data-parallel dimension, chapter 9.1) is gathered whole first."""
     out: dict[str, torch.Tensor] = {}
+    world = dist.get_world_size(group)
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor().detach() if hasattr(t, "full_tensor") else t.detach()
 
     def full(t: torch.Tensor, dim: int) -> torch.Tensor:
         if variant == "dtensor":
-            return t.full_tensor().detach() if hasattr(t, "full_tensor") else t.detach()
-        parts = [torch.empty_like(t) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, t.detach().contiguous())
+            return whole(t)
+        parts = [torch.empty_like(whole(t)) for _ in range(world)]
+        dist.all_gather(parts, whole(t).contiguous(), group=group)
         return torch.cat(parts, dim=dim)
 
     for name, p in model.named_parameters():
         if ".attn." not in name and ".mlp." not in name:
-            out[name] = full(p, 0) if variant == "dtensor" else p.detach()
+            out[name] = whole(p)
     for i, block in enumerate(model.backbone.blocks):
         pre = f"backbone.blocks.{i}"
         a, m = block.attn, block.mlp
         out[f"{pre}.attn.qkv.weight"] = torch.cat([full(l.weight, 0) for l in (a.q, a.k, a.v)], dim=0)
         out[f"{pre}.attn.qkv.bias"] = torch.cat([full(l.bias, 0) for l in (a.q, a.k, a.v)], dim=0)
         out[f"{pre}.attn.proj.weight"] = full(a.proj.weight, 1)
-        out[f"{pre}.attn.proj.bias"] = a.proj.bias.full_tensor().detach() if variant == "dtensor" else a.proj.bias.detach()
+        out[f"{pre}.attn.proj.bias"] = whole(a.proj.bias)
         out[f"{pre}.mlp.up.weight"] = full(m.up.weight, 0)
         out[f"{pre}.mlp.up.bias"] = full(m.up.bias, 0)
         out[f"{pre}.mlp.down.weight"] = full(m.down.weight, 1)
-        out[f"{pre}.mlp.down.bias"] = m.down.bias.full_tensor().detach() if variant == "dtensor" else m.down.bias.detach()
+        out[f"{pre}.mlp.down.bias"] = whole(m.down.bias)
     return out
 
 
