@@ -201,7 +201,13 @@ def train_step(model: nn.Module, micro_batches: Sequence[Batch], objective: Obje
         scaler.unscale_(optimizer)  # clip and report the true gradient, not the scaled one
     if params:
         torch._foreach_mul_([p.grad for p in params], scale_by / n_safe)
-    if grad_clip is not None:
+    # A model split by hand over ranks (tensor parallel) knows which gradients are slices: it supplies the norm
+    norm_of_split = getattr(_unwrap(model), "grad_norm", None)
+    if norm_of_split is not None:
+        grad_norm = norm_of_split()
+        if grad_clip is not None:   # torch's clip_grad_norm_ rule: scale by min(1, clip / (norm + 1e-6))
+            torch._foreach_mul_([p.grad for p in params], min(1.0, grad_clip / (float(grad_norm) + 1e-6)))
+    elif grad_clip is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
     else:
         grad_norm = global_grad_norm(params)

@@ -172,3 +172,17 @@ def test_coordinate_check():
     assert sp[0] == mup[0]                                     # at the base width μP is SP
     assert sp[0] < sp[1] < sp[2] and sp[2] / sp[0] > 1.8, sp
     assert 0.5 < mup[2] / mup[0] < 1.25, mup
+
+
+def test_best_log2_lr_is_the_vertex_of_the_parabola_through_the_best_three_points():
+    from pretrain_lib.mup_runs import best_log2_lr
+    lrs = [2.0 ** k for k in range(-10, -4)]                       # log2: -10 .. -5
+    exact = [(k + 7.3) ** 2 + 4.0 for k in range(-10, -4)]          # a parabola with its vertex at log2 lr = -7.3
+    assert best_log2_lr(lrs, exact) == pytest.approx(-7.3, abs=1e-9)
+    # not a parabola: the best point -7 with its left neighbour 2 above and its right one 1 above; the vertex of
+    # the parabola through the three lies toward the lower one: -7 + (2 - 1) / (2 (2 + 1)) = -7 + 1/6
+    assert best_log2_lr(lrs, [9, 8, 7, 5, 6, 8]) == pytest.approx(-7 + 1 / 6, abs=1e-9)
+    assert best_log2_lr(lrs, [1, 2, 3, 4, 5, 6]) == -10.0            # best at the edge: the edge, not an extrapolation
+    assert best_log2_lr(lrs, [9, 8, 7, 5, math.inf, math.inf]) == -7.0   # a diverged neighbour: no fit, the grid point
+    with pytest.raises(ValueError, match="increasing"):
+        best_log2_lr(lrs[::-1], exact)

@@ -365,6 +365,44 @@ def test_fsdp_writes_sharded_checkpoints_and_resumes_bit_identically(tmp_path, c
     assert "__1_0.distcp does not match its checksum" in messages[0]
 
 
+@pytest.mark.xdist_group("torchrun")
+def test_mesh_2x2_trains_like_one_process_and_resumes_bit_identically(tmp_path, cache_dir):
+    # [parallel] dp = 2, tp = 2 (configs/gpt-mesh-2x2.toml's mesh) on 4 ranks: the same losses as one process on the
+    # whole batch, a cut-and-resumed run identical to an uninterrupted one, and the sharded checkpoint (one set of
+    # slices per tp coordinate) loads into one process as that process's own weights
+    from pretrain_lib.capstone import sharded
+    from pretrain_lib.capstone.trainer import run_model
+
+    base = tiny(tmp_path / "single", cache_dir, steps=8, decay_steps=8)
+    base["model"]["dropout"] = 0.0
+    config = REPO / "configs" / "gpt-mesh-2x2.toml"
+    single = run(REPO / "configs" / "gpt-char-tiny.toml", overrides=[f"{k}={json.dumps(v)}" for k, v in _flatten(base).items()],
+                 progress=False, verbose=False)
+    mesh = {**base, "train": {**base["train"], "batch_size": 2}}
+    _train_on_ranks(config, mesh, tmp_path / "whole", 4)
+    mesh["train"]["steps"] = 4
+    _train_on_ranks(config, mesh, tmp_path / "cut", 4)
+    mesh["train"]["steps"] = 8
+    resumed = _train_on_ranks(config, mesh, tmp_path / "cut", 4, resume=True)
+    assert resumed.metrics["start_step"] == 4
+    one, whole, cut = _losses(tmp_path / "single"), _losses(tmp_path / "whole"), _losses(tmp_path / "cut")
+    assert sorted(cut) == list(range(1, 9)) and all(whole[s] == cut[s] for s in whole), "resume must be exact"
+    assert max(abs(one[s] - whole[s]) for s in one) <= 1e-5, "a 2 x 2 mesh trains like one process"
+    final = tmp_path / "cut" / "ckpt_00000008.dcp"
+    assert {f"__{r}_0.distcp" for r in range(4)} <= {p.name for p in final.iterdir()}
+    weights = sharded.load_sharded_model(final, run_model(single.config, single.data.vocab_size)).state_dict()
+    reference = single.model.state_dict()
+    assert weights.keys() == reference.keys()
+    assert max((weights[k] - reference[k]).abs().max().item() for k in reference) <= 1e-5
+
+
+def _train_on_ranks(config, table: dict, run_dir, nproc: int, *, resume: bool = False):
+    from pretrain_lib.distributed.launch import run_torchrun
+    args = ["--config", str(config), *_sets(table), *(["--resume"] if resume else [])]
+    return run_torchrun("pretrain_lib.train", args=args, run_dir=run_dir, stream=False, timeout_s=300,
+                        nproc_per_node=nproc)
+
+
 def _sets(table: dict) -> list[str]:
     return [x for k, v in _flatten(table).items() for x in ("--set", f"{k}={json.dumps(v)}")]
 

@@ -147,9 +147,9 @@ class Checkpointer:
     def save(self, state) -> None:
         start = time.perf_counter()
         c = self.config
-        if c.parallel == "fsdp":  # every rank writes its own shards: nothing is gathered
+        if c.parallel in ("fsdp", "mesh"):  # every rank writes its own shards: nothing is gathered
             path = save_sharded(self.out_dir, state.step, state.model, state.optimizer,
-                                self.state(state, weights=False), rank=self.dist.rank)
+                                self.state(state, weights=False), rank=self.dist.rank, prefix=self.dist.shard_prefix)
             if self.dist.rank == 0:
                 ckpt.point_and_prune(self.out_dir, path, keep=c.checkpoint.keep)
         else:

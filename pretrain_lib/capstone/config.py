@@ -2,7 +2,9 @@
 
 A config has top-level keys (``out_dir``, ``seed``, ``device``, ``parallel``,
 ``allow_config_change``) and four sections, ``[model]``, ``[data]``, ``[train]``,
-``[checkpoint]``. Every key has a default, so a file names only what differs. Validation
+``[checkpoint]``. ``parallel`` is a strategy's name (``"none"``, ``"ddp"``, ``"fsdp"``) or a table of
+device-mesh sizes (chapter 9.1): ``[parallel]`` with ``dp = 2`` and ``tp = 2`` trains FSDP over dp and
+tensor parallelism over tp on ``dp × tp`` ranks; it is stored as ``parallel = "mesh"`` plus ``[mesh]``. Every key has a default, so a file names only what differs. Validation
 is strict because a typo in a config otherwise trains for hours with the default: an
 unknown key is an error that names the valid ones, a wrong type or an impossible value
 says which key and why.
@@ -182,19 +184,29 @@ class CheckpointSection:
 
 
 @dataclass
+class MeshSection:
+    dp: int = 1                       # FSDP2 ranks (each holds a shard; each reads its own batches)
+    tp: int = 1                       # tensor-parallel ranks (inside a dp rank: they read the same batches)
+
+    def check(self) -> None:
+        _positive(self, "dp", "tp")
+
+
+@dataclass
 class RunConfig:
     out_dir: str = "build/runs/default"   # relative: to the working directory
     seed: int = 1337
     device: str = "auto"
-    parallel: str = "none"            # "none" | "ddp" | "fsdp" (under torchrun)
+    parallel: str = "none"            # "none" | "ddp" | "fsdp" | "mesh" (under torchrun; mesh: the [mesh] sizes)
     allow_config_change: bool = False  # resume even when an exactness-breaking key changed
     overwrite: bool = False           # a new run may delete the earlier run in out_dir (same as --overwrite)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
 
-    CHOICES = {"parallel": ("none", "ddp", "fsdp")}
+    CHOICES = {"parallel": ("none", "ddp", "fsdp", "mesh")}
 
     def check(self) -> None:
         _non_negative(self, "seed")
@@ -204,6 +216,8 @@ class RunConfig:
             raise ConfigError(f"model.moe_experts with parallel = {self.parallel!r} is not supported by the capstone "
                               "(a rank's expert may get no token in a step, which DDP and FSDP do not expect); "
                               "expert parallelism is pretrain_lib.distributed.expert_parallel")
+        if self.parallel == "mesh":
+            self._check_mesh()
         if self.train.log_every > self.train.steps:
             self.train.log_every = self.train.steps  # a short --set run still logs its last step
         if self.checkpoint.every % self.train.log_every:
@@ -211,16 +225,30 @@ class RunConfig:
                               f"{self.train.log_every}: a checkpoint then follows a logged step, and a resumed run "
                               "neither repeats nor skips a line of metrics.jsonl")
 
+    def _check_mesh(self) -> None:
+        m, mesh = self.model, self.mesh
+        if mesh.dp * mesh.tp < 2:
+            raise ConfigError(f"parallel = 'mesh' needs at least 2 ranks; [parallel] has dp = {mesh.dp}, tp = {mesh.tp}")
+        if mesh.tp > 1:
+            if m.kind != "gpt" or m.position != "learned" or m.mlp != "gelu" or m.qk_norm or m.moe_experts:
+                raise ConfigError("tensor parallelism (parallel.tp > 1) splits the course GPT's default block: "
+                                  "model.kind = 'gpt', position = 'learned', mlp = 'gelu', qk_norm = false, no experts")
+            if m.n_heads % mesh.tp:
+                raise ConfigError(f"model.n_heads = {m.n_heads} cannot be split over parallel.tp = {mesh.tp} ranks")
+            if m.dropout:
+                raise ConfigError("parallel.tp > 1 needs model.dropout = 0: the tensor-parallel ranks of a layer "
+                                  "would draw different dropout masks for the same activations")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = ("model", "data", "train", "checkpoint")
+SECTIONS = ("model", "data", "train", "checkpoint", "mesh")
 
 # Keys whose change makes a resumed run differ from the uninterrupted one: the batches, the
 # model's shape, the data or the tokenizer. A resume that changes one is refused unless
 # allow_config_change = true.
-EXACTNESS_KEYS = ("seed", "parallel", "model.*", "data.corpus", "data.folder", "data.max_docs", "data.tokenizer",
+EXACTNESS_KEYS = ("seed", "parallel", "mesh.*", "model.*", "data.corpus", "data.folder", "data.max_docs", "data.tokenizer",
                   "data.vocab_size", "data.val_fraction", "data.split", "data.tokens_per_shard", "data.mlm_probability",
                   "data.min_words", "data.max_symbol_ratio", "data.max_duplicate_lines", "data.min_lines",
                   "train.batch_size", "train.grad_accum_steps")
@@ -312,7 +340,7 @@ def _build(cls, table: dict, where: str):
 
 
 _SECTION_CLASSES = {"model": ModelSection, "data": DataSection, "train": TrainSection,
-                    "checkpoint": CheckpointSection}
+                    "checkpoint": CheckpointSection, "mesh": MeshSection}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -335,9 +363,15 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def config_from_dict(table: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Validate a parsed TOML table (plus ``key=value`` overrides) into a :class:`RunConfig`."""
     table = {k: (dict(v) if isinstance(v, dict) else v) for k, v in table.items()}
+    if isinstance(table.get("parallel"), dict):   # [parallel] dp = 2, tp = 2: the device mesh's sizes
+        table["mesh"] = {**table.get("mesh", {}), **table.pop("parallel")}
+        table["parallel"] = "mesh"
     overridden = set()
     for item in overrides:
         path, value = parse_override(item)
+        if path[0] == "parallel" and len(path) == 2:   # --set parallel.tp=2 sets a mesh size
+            path = ["mesh", path[1]]
+            table["parallel"] = "mesh"
         overridden.add(".".join(path))
         if len(path) == 2:
             if path[0] not in SECTIONS:

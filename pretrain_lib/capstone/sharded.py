@@ -22,6 +22,7 @@ DCP reshards on load, so a sharded checkpoint also loads into one process
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -41,9 +42,11 @@ def sharded_name(step: int) -> str:
 
 
 def save_sharded(folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 extra: dict[str, Any], *, rank: int) -> Path:
+                 extra: dict[str, Any], *, rank: int, prefix: str = "") -> Path:
     """Write ``ckpt_<step>.dcp`` (every rank calls it: a collective). ``extra`` is the small,
-    unsharded state that rank 0 writes next to the shards. Returns the folder's final path."""
+    unsharded state that rank 0 writes next to the shards. ``prefix`` (a device mesh's tp coordinate,
+    ``"tp0"``, ``"tp1"``) keeps apart the slices that tensor-parallel ranks hold under one parameter
+    name. Returns the folder's final path."""
     from torch.distributed.checkpoint import FileSystemWriter, save
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -55,7 +58,8 @@ def save_sharded(folder: str | Path, step: int, model: nn.Module, optimizer: tor
         tmp.mkdir(parents=True)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)   # this rank's shards (DTensors), no gathering
-    save({"model": model_state, "optimizer": optim_state}, storage_writer=FileSystemWriter(tmp, sync_files=True))
+    save(_keyed({"model": model_state, "optimizer": optim_state}, prefix),
+         storage_writer=FileSystemWriter(tmp, sync_files=True))
     if rank == 0:
         atomic_write_bytes(tmp / EXTRA, encode_checkpoint(extra))
     dist.barrier()  # every rank's shards are on disk
@@ -70,26 +74,48 @@ def save_sharded(folder: str | Path, step: int, model: nn.Module, optimizer: tor
     return final
 
 
-def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Read this rank's shards of the weights and optimiser moments into an FSDP model (a collective)."""
+def _keyed(state: dict, prefix: str) -> dict:
+    return {prefix: state} if prefix else state
+
+
+def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, prefix: str = "") -> None:
+    """Read this rank's shards of the weights and optimiser moments into an FSDP model (a collective);
+    ``prefix`` as :func:`save_sharded` wrote it."""
     from torch.distributed.checkpoint import FileSystemReader, load
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)   # the layout to fill, shard by shard
-    state = {"model": model_state, "optimizer": optim_state}
+    state = _keyed({"model": model_state, "optimizer": optim_state}, prefix)
     load(state, storage_reader=FileSystemReader(Path(path)))
+    state = state[prefix] if prefix else state
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def load_sharded_model(path: str | Path, model: nn.Module) -> nn.Module:
     """Load a sharded checkpoint's weights into a plain (unsharded) model in one process:
-    DCP assembles each full tensor from the ranks' shards."""
+    DCP assembles each full tensor from the ranks' shards. A device-mesh run's checkpoint holds one
+    set of slices per tp coordinate (``tp0.model...``); those are joined as the split cut them."""
     from torch.distributed.checkpoint import FileSystemReader, load
 
     verify_sharded(path)
-    state = {"model": model.state_dict()}
+    reader = FileSystemReader(Path(path))
+    saved = reader.read_metadata().state_dict_metadata
+    prefixes = sorted({k.split(".")[0] for k in saved if re.match(r"tp\d+\.model\.", k)}, key=lambda p: int(p[2:]))
     with warnings.catch_warnings():  # DCP warns that it assumes one process: that is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        load(state, storage_reader=FileSystemReader(Path(path)), no_dist=True)
-    model.load_state_dict(state["model"])
+        if not prefixes:
+            state = {"model": model.state_dict()}
+            load(state, storage_reader=reader, no_dist=True)
+            model.load_state_dict(state["model"])
+            return model
+        parts = []
+        for prefix in prefixes:   # each tp coordinate's slices, whole over the dp ranks that sharded them
+            start = f"{prefix}.model."
+            empty = {k[len(start):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in saved.items()
+                     if k.startswith(start)}
+            state = {prefix: {"model": empty}}
+            load(state, storage_reader=FileSystemReader(Path(path)), no_dist=True)
+            parts.append(state[prefix]["model"])
+    from ..distributed.tensor_parallel_layers import merge_tensor_parallel_state
+    model.load_state_dict(merge_tensor_parallel_state(parts))
     return model

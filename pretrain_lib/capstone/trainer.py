@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from .callbacks import Checkpointer, Evaluator, ValidationSet, validation_fn
 from .config import RunConfig, config_from_dict, load_config, resolve_paths, schedule_warnings
 from .data import PreparedData, prepare_data, resolve_path, train_loader
-from .parallel import DistInfo, init_distributed, load_full_state_dicts, wrap_model
+from .parallel import DistInfo, build_run_mesh, init_distributed, load_full_state_dicts, wrap_model
 from .preemption import RunInterrupted, StopRequests
 from .resume import (EndlessBatches, ResumePoint, check_resumable, claim_out_dir, load_loader_state,
                      load_model_weights, rng_state, set_rng_state)
@@ -161,14 +161,16 @@ def _run(config: RunConfig, info: DistInfo, log, stops: StopRequests, *, resume,
     if info.rank == 0:
         save_run_tokenizer(out_dir, data)
     result = RunResult(out_dir=out_dir, config=config, start_step=0, steps=0, losses=[], data=data, threads=threads)
-    loader = train_loader(data, config, rank=info.rank, world_size=info.world_size)
+    if config.parallel == "mesh":
+        build_run_mesh(info, {"dp": config.mesh.dp, "tp": config.mesh.tp})
+    loader = train_loader(data, config, rank=info.dp_rank, world_size=info.dp_size)
     objective, mlm_generator = _objective(config, data)
     begin = time.perf_counter()
     if point is not None:
         _restore(point, config, data, info, model, loader, mlm_generator, result, log)
     device = resolve_device(config.device if info.device is None else str(info.device))
     model = wrap_model(model.to(device), config.parallel, info)
-    optimizer = _optimizer(config, model, point)
+    optimizer = _optimizer(config, model, point, info)
     if point is not None:
         result.resume_seconds = time.perf_counter() - begin  # read + verify + load, up to the first step
     result.model = model
@@ -187,7 +189,7 @@ def _run(config: RunConfig, info: DistInfo, log, stops: StopRequests, *, resume,
     try:
         history = train(model, batches, objective, _engine_config(config, device), callbacks=callbacks,
                         optimizer=optimizer, eval_fn=validation_fn(config, data, validation), progress=False,
-                        desc=Path(config.out_dir).name, dp_group=True if info.world_size > 1 else None,
+                        desc=Path(config.out_dir).name, dp_group=info.dp_group,
                         start_step=result.start_step, tokens_offset=0 if point is None else point.tokens_seen)
     except KeyboardInterrupt:
         checkpointer.finish()   # a write in flight completes: it is the last checkpoint
@@ -195,7 +197,7 @@ def _run(config: RunConfig, info: DistInfo, log, stops: StopRequests, *, resume,
                              checkpointer.last_saved or (result.start_step or None)) from None
     result.losses, result.seconds, result.cpu_seconds = history.losses, history.seconds, history.cpu_seconds
     result.steps = result.start_step + len(history.losses)
-    result.tokens_per_second = history.tokens_per_second * info.world_size
+    result.tokens_per_second = history.tokens_per_second * info.dp_size   # tp ranks share their dp rank's tokens
     return result
 
 
@@ -265,7 +267,8 @@ def _restore(point: ResumePoint, config: RunConfig, data: PreparedData, info: Di
         + (" (config changed: " + "; ".join(diffs) + ")" if diffs else ""))
 
 
-def _optimizer(config: RunConfig, model, point: ResumePoint | None) -> torch.optim.Optimizer:
+def _optimizer(config: RunConfig, model, point: ResumePoint | None, info: DistInfo | None = None
+               ) -> torch.optim.Optimizer:
     """The optimiser, with the checkpoint's moments: from shards, from a full state into FSDP, or plainly."""
     t = config.train
     kwargs = {} if t.optimizer == "adamw" else {"name": t.optimizer, "muon_lr": t.muon_lr}
@@ -273,10 +276,14 @@ def _optimizer(config: RunConfig, model, point: ResumePoint | None) -> torch.opt
     if point is None:
         return optimizer
     if point.sharded:
-        if config.parallel != "fsdp":
-            raise ckpt.CheckpointError(f"{point.path} holds FSDP shards; resume it with --set parallel=fsdp, or load "
-                                       "its weights into one process with capstone.sharded.load_sharded_model")
-        load_sharded(point.state["sharded"], model, optimizer)
+        if config.parallel not in ("fsdp", "mesh"):
+            raise ckpt.CheckpointError(f"{point.path} holds FSDP shards; resume it with the run's parallel setting "
+                                       "(fsdp, or its [parallel] mesh), or load its weights into one process with "
+                                       "capstone.sharded.load_sharded_model")
+        load_sharded(point.state["sharded"], model, optimizer, prefix=info.shard_prefix if info else "")
+    elif config.parallel == "mesh":
+        raise ckpt.CheckpointError(f"{point.path} is a whole-model checkpoint; a mesh run resumes only from its own "
+                                   "sharded checkpoints (start a new run, or resume with the checkpoint's parallel)")
     elif config.parallel == "fsdp":
         load_full_state_dicts(model, optimizer, point.state["model"], point.state["optimizer"])
     else:

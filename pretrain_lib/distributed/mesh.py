@@ -10,8 +10,9 @@ A **device mesh** arranges the ranks in a grid with named dimensions, e.g. 4 ran
 Each parallelism then runs over its own dimension's process groups. The innermost
 dimension (the last) groups consecutive ranks, which on a real cluster share a node and its
 fast links: tensor parallelism, whose all-reduces sit on the critical path of every layer, goes
-there; data parallelism, which talks once per step and overlaps with compute, goes outermost,
-across nodes; pipeline stages exchange one activation per micro-batch and sit in between.
+there. Data parallelism, which overlaps its transfers with compute, comes next; pipeline stages,
+which exchange one activation per micro-batch with one neighbour, go outermost (torchtitan's order;
+Llama 3 put dp outermost instead).
 
 :func:`parallelize` applies the strategies to a model in torchtitan's order: **tensor parallel
 first, then FSDP**. FSDP2 shards whatever parameters it finds and gathers them before each
@@ -39,7 +40,7 @@ from .metrics import tensor_bytes
 from .pipeline_stages import ByHandSchedule, PipeGroup, pipeline_stage
 from .pipeline_schedules import gpipe_order
 from .strategies import apply_fsdp
-from .tensor_parallel_layers import TensorParallelComm, apply_tensor_parallel
+from .tensor_parallel_layers import TensorParallelComm, apply_tensor_parallel, tensor_parallel_grad_norm
 
 MESH_ORDER = ("pp", "dp", "tp")   # outermost to innermost
 
@@ -77,6 +78,9 @@ def parallelize(model: GPT, mesh, *, tp_comm: TensorParallelComm | None = None) 
                               comm=tp_comm or TensorParallelComm(mesh["tp"].get_group()))
     if "dp" in names and mesh["dp"].size() > 1:
         apply_fsdp(model, mesh["dp"])
+        if hasattr(model, "grad_norm"):   # the split's norm, now over FSDP's gradient shards too
+            tp_group = mesh["tp"].get_group()
+            model.grad_norm = lambda: tensor_parallel_grad_norm(model, tp_group, mesh["dp"].get_group())
     return model
 
 
@@ -98,17 +102,20 @@ def fsdp_tp_step_bytes(model: GPT, *, dp: int, tp: int, batch: int, seq_len: int
     - tp: 4 all-reduces per block of one activation of this dp rank's ``batch / dp`` sequences (chapter 3);
     - dp: FSDP2 gathers every weight of this tp rank's share for the forward and again for the backward,
       except the root unit's (embeddings, final norm), which it keeps gathered in between; it
-      reduce-scatters the gradients once; the engine all-reduces (loss sum, token count)."""
+      reduce-scatters the gradients once; the engine all-reduces (loss sum, token count);
+    - both: the gradient norm (``tensor_parallel_grad_norm``) sums two float64 sums of squares over dp and
+      the split one over tp."""
     c = model.config
     local = params_per_tp_rank(model, tp)
     blocks = sum(p.numel() for p in model.backbone.blocks.parameters())
     root = sum(p.numel() for p in model.parameters()) - blocks
+    norm_sums = 2 * 8 if tp > 1 else 0        # [split, whole] sums of squares, float64
     out = {"dp": {"all_gather_single": (2 * local - root) * value_bytes, "reduce_scatter_single": local * value_bytes,
-                  "all_reduce": 2 * value_bytes}}
+                  "all_reduce": 2 * value_bytes + norm_sums}}
     if tp > 1:
         out["tp"] = {"all_reduce": tensor_parallel_bytes(n_layers=c.n_layers, batch=batch // dp, seq_len=seq_len,
                                                         d_model=c.d_model, forward_value_bytes=value_bytes,
-                                                        backward_value_bytes=value_bytes)}
+                                                        backward_value_bytes=value_bytes) + 8}
     if dp == 1:
         out.pop("dp")
     return out
@@ -133,14 +140,29 @@ class DataParallelPipeline:
         return loss_sum, n_targets
 
 
+def pipeline_grad_norm(stage: nn.Module, pp_group) -> torch.Tensor:
+    """The whole model's gradient L2 norm on every stage: each stage's sum of squares, summed over the
+    pipeline (the tied embedding counted once, on the first stage; the last stage's copy holds the same
+    gradient). Each stage alone sees only its own layers, so clipping by its local norm would clip each
+    stage differently from one process."""
+    sq = torch.zeros((), dtype=torch.float64, device=next(stage.parameters()).device)
+    for name, p in stage.named_parameters():
+        if p.grad is not None and name != "head_weight":
+            sq += p.grad.double().square().sum()
+    dist.all_reduce(sq, group=pp_group)
+    return sq.sqrt().float()
+
+
 def pipeline_data_parallel(model: GPT, mesh, device: torch.device, order_fn=gpipe_order):
     """This rank's pipeline stage of ``model`` (its coordinate on ``mesh["pp"]``) and the
     ``forward_backward`` that trains it: the by-hand schedule over the pp group, then the gradient
-    average over ``mesh["dp"]``. Returns ``(stage, forward_backward)``."""
+    average over ``mesh["dp"]``. The stage's ``grad_norm()`` (which the engine clips by) sums over the
+    pipeline. Returns ``(stage, forward_backward)``."""
     pp = mesh["pp"]
     pipe = PipeGroup(rank=pp.get_local_rank(), size=pp.size(), ranks=pp.mesh.flatten().tolist(),
                      group=pp.get_group(), device=device)
     stage = pipeline_stage(model, pipe.rank, pipe.size)
+    stage.grad_norm = lambda: pipeline_grad_norm(stage, pipe.group)
     return stage, DataParallelPipeline(ByHandSchedule(stage, pipe, order_fn), stage, mesh["dp"].get_group())
 
 

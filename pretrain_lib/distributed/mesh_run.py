@@ -5,9 +5,11 @@
   slice of the batch.
 - ``pp_dp``: ``pp × dp``. Two pipeline stages, each held by two data-parallel replicas
   (:func:`.mesh.pipeline_data_parallel`); each replica's pipeline reads its own slice of the batch.
+- ``fsdp_tp_same_data``: a negative control, ``fsdp_tp`` with the classic mistake of every dp rank
+  reading the same slice; its weights must differ from one process by far more than the tolerance.
 
 Each variant trains with the engine's ``train_step`` and records its weights' largest difference
-from one process, the bytes its collectives carried per step on each mesh dimension
+from one process, its gradient norm per step (the norm the engine clips by) beside one process's, the bytes its collectives carried per step on each mesh dimension
 (:class:`.mesh.CollectiveBytes`) and the bytes of weights, gradients and AdamW state each rank holds.
 Launch: ``torchrun --standalone --nproc_per_node 4 -m pretrain_lib.distributed.mesh_run --out DIR``.
 """
@@ -28,7 +30,7 @@ from .reference import global_batch, strategy_model, strategy_optimizer
 from .tensor_parallel import gather_full_params
 from .tensor_parallel_layers import TensorParallelComm
 
-VARIANTS = ("fsdp_tp", "pp_dp")
+VARIANTS = ("fsdp_tp", "pp_dp", "fsdp_tp_same_data")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -48,17 +50,19 @@ def _per_step(counter: CollectiveBytes, steps: int) -> dict[str, dict[str, float
     return {dim: {op: n / steps for op, n in ops.items()} for dim, ops in counter.bytes.items()}
 
 
-def train_fsdp_tp(args, ctx) -> dict:
+def train_fsdp_tp(args, ctx, *, same_data: bool = False) -> dict:
     mesh = build_mesh(ctx.device.type, {"dp": ctx.world_size // args.tp, "tp": args.tp})
     model = strategy_model(args, ctx.device)
     parallelize(model, mesh, tp_comm=TensorParallelComm(mesh["tp"].get_group()))
     opt = strategy_optimizer(model, args)
     dp_rank, dp_size, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_group()
-    counter, timer, losses = CollectiveBytes(mesh), StepTimer(ctx.device), []
+    counter, timer, losses, norms = CollectiveBytes(mesh), StepTimer(ctx.device), [], []
     for step in range(args.steps):
-        ids = local_shard(global_batch(step, args), dp_rank, dp_size).to(ctx.device)
+        ids = local_shard(global_batch(step, args), 0 if same_data else dp_rank, dp_size).to(ctx.device)
         with timer.measure(), counter:
-            losses.append(train_step(model, [{"input_ids": ids}], clm_objective, opt, dp_group=dp_group).loss)
+            result = train_step(model, [{"input_ids": ids}], clm_objective, opt, dp_group=dp_group)
+        losses.append(result.loss)
+        norms.append(float(result.grad_norm))
     held = held_bytes(model.parameters(), opt)
     per_rank = [None] * ctx.world_size
     dist.all_gather_object(per_rank, held)
@@ -66,6 +70,7 @@ def train_fsdp_tp(args, ctx) -> dict:
     return {"params": gather_full_params(model, "by_hand", ctx, group=mesh["tp"].get_group()),
             **variant_record(losses=read_losses(losses), bytes_per_step=None, seconds_per_step=timer.median,
                              mesh={"dp": dp_size, "tp": args.tp}, bytes_per_step_by_dim=_per_step(counter, args.steps),
+                             grad_norms=norms,
                              predicted_bytes_by_dim=fsdp_tp_step_bytes(whole, dp=dp_size, tp=args.tp,
                                                                        batch=args.batch, seq_len=args.seq_len),
                              predicted_params_per_rank=params_per_tp_rank(whole, args.tp) // dp_size,
@@ -77,13 +82,14 @@ def train_pp_dp(args, ctx) -> dict:
     stage, forward_backward = pipeline_data_parallel(strategy_model(args, ctx.device), mesh, ctx.device)
     opt = strategy_optimizer(stage, args)
     dp_rank, dp_size, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].size(), mesh["dp"].get_group()
-    counter, timer, losses = CollectiveBytes(mesh), StepTimer(ctx.device), []
+    counter, timer, losses, norms = CollectiveBytes(mesh), StepTimer(ctx.device), [], []
     for step in range(args.steps):
         mine = local_shard(global_batch(step, args), dp_rank, dp_size).to(ctx.device)
         micro = [{"input_ids": chunk} for chunk in mine.chunk(args.micro)]
         with timer.measure(), counter:
-            losses.append(train_step(stage, micro, None, opt, forward_backward=forward_backward,
-                                     dp_group=dp_group).loss)
+            result = train_step(stage, micro, None, opt, forward_backward=forward_backward, dp_group=dp_group)
+        losses.append(result.loss)
+        norms.append(float(result.grad_norm))
     held = held_bytes(stage.parameters(), opt)
     per_rank = [None] * ctx.world_size
     dist.all_gather_object(per_rank, held)
@@ -94,9 +100,18 @@ def train_pp_dp(args, ctx) -> dict:
     stage_losses = last_stage_losses(losses, int(mesh.mesh[-1, 0]), ctx.device)
     return {"params": params,
             **variant_record(losses=stage_losses, bytes_per_step=None, seconds_per_step=timer.median,
-                             mesh={"pp": args.pp, "dp": dp_size}, n_micro=args.micro,
+                             mesh={"pp": args.pp, "dp": dp_size}, n_micro=args.micro, grad_norms=norms,
                              bytes_per_step_by_dim=_per_step(counter, args.steps), memory_per_rank=per_rank,
                              tied_copies_max_abs_diff=float((head - params["backbone.tok_emb.weight"]).abs().max()))}
+
+
+def reference_grad_norms(args) -> list[float]:
+    """One process's gradient norm per step on the whole batch (the strategies' reference run, again,
+    for the norms it does not record)."""
+    model = strategy_model(args)
+    opt = strategy_optimizer(model, args)
+    return [float(train_step(model, [{"input_ids": global_batch(step, args)}], clm_objective, opt).grad_norm)
+            for step in range(args.steps)]
 
 
 def _arguments(parser) -> None:
@@ -120,12 +135,16 @@ def _fits(args, ctx) -> None:
 def main(argv: list[str] | None = None) -> None:
     run = StrategyRun("mesh", "FSDP x tensor parallel and pipeline x data parallel on a 2-D device mesh.",
                       VARIANTS, argv, add_arguments=_arguments, check=_fits)
+    run.metrics["reference_grad_norms"] = reference_grad_norms(run.args)
     for variant in run.variants():
-        out = (train_fsdp_tp if variant == "fsdp_tp" else train_pp_dp)(run.args, run.ctx)
+        if variant == "pp_dp":
+            out = train_pp_dp(run.args, run.ctx)
+        else:
+            out = train_fsdp_tp(run.args, run.ctx, same_data=variant == "fsdp_tp_same_data")
         run.record(variant, out)
         if variant == "pp_dp":
             out["max_abs_diff_vs_single"] = max(out["max_abs_diff_vs_single"], out["tied_copies_max_abs_diff"])
-    run.finish()
+    run.finish(exact=("fsdp_tp", "pp_dp"))   # the negative control is meant to differ
 
 
 if __name__ == "__main__":

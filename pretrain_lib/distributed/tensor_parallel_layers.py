@@ -161,6 +161,50 @@ class HeadSplitAttention(nn.Module):
         return self.proj(self.attend(x))
 
 
+def tensor_parallel_grad_norm(model: nn.Module, tp_group, dp_group=None) -> torch.Tensor:
+    """The whole model's gradient L2 norm on every rank of a by-hand split: a split weight's slices are summed
+    over the tp ranks, a whole one (embeddings, norms, row-parallel biases) counted once; under FSDP
+    (``dp_group``) each gradient is a shard, summed over the dp ranks as well. The engine clips with it
+    (``train_step`` calls a model's ``grad_norm()``): each rank alone sees only its slices."""
+    split = set()
+    for m in model.modules():
+        if isinstance(m, ColumnParallelLinear):
+            split |= {id(m.weight), id(m.bias)}
+        elif isinstance(m, RowParallelLinear):
+            split.add(id(m.weight))
+    grads = [(id(p) in split, p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad)
+             for p in model.parameters() if p.grad is not None]
+    sums = torch.zeros(2, dtype=torch.float64, device=grads[0][1].device)   # [split, whole] sums of squares
+    for is_split, g in grads:
+        sums[0 if is_split else 1] += g.double().square().sum()
+    if dp_group is not None:
+        dist.all_reduce(sums, group=dp_group)
+    dist.all_reduce(sums[:1], group=tp_group)
+    return sums.sum().sqrt().float()
+
+
+def merge_tensor_parallel_state(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The unsharded GPT's state dict from the by-hand split's per-rank state dicts (rank order): q, k and
+    v joined by output rows into ``qkv``, ``proj`` and ``down`` by input columns, ``up`` by output rows;
+    everything else is whole on every rank and taken from rank 0. Works offline, e.g. on a checkpoint."""
+    out: dict[str, torch.Tensor] = {}
+    cat = lambda name, dim: torch.cat([p[name] for p in parts], dim=dim)   # noqa: E731
+    for name in parts[0]:
+        head, _, leaf = name.rpartition(".")          # e.g. backbone.blocks.0.attn.q, weight
+        if head.endswith(".attn.q"):
+            block = head[: -len(".q")]
+            out[f"{block}.qkv.{leaf}"] = torch.cat([cat(f"{block}.{x}.{leaf}", 0) for x in "qkv"], dim=0)
+        elif head.endswith((".attn.k", ".attn.v")):
+            continue
+        elif head.endswith((".attn.proj", ".mlp.down")) and leaf == "weight":
+            out[name] = cat(name, 1)
+        elif head.endswith(".mlp.up"):
+            out[name] = cat(name, 0)
+        else:
+            out[name] = parts[0][name]
+    return out
+
+
 class TensorParallelAttention(HeadSplitAttention):
     """Each rank computes n_heads / p heads: q, k, v column-parallel, proj row-parallel."""
 
@@ -193,6 +237,12 @@ def apply_tensor_parallel(model: GPT, mesh, *, implementation: str = "dtensor",
     """
     c = model.config
     require_standard(c, "apply_tensor_parallel (its attention's softmax scale)")
+    unsupported = {k: v for k, v in (("position", c.position), ("qk_norm", c.qk_norm), ("mlp", c.mlp),
+                                     ("moe_experts", c.moe_experts), ("causal", c.causal))
+                   if v != {"position": "learned", "qk_norm": False, "mlp": "gelu", "moe_experts": 0, "causal": True}[k]}
+    if unsupported:   # the split layers below implement the default block only; anything else would train wrong
+        raise ValueError(f"apply_tensor_parallel splits the course GPT's default block (learned positions, GELU MLP, "
+                         f"no qk-norm, dense, causal); this model has {unsupported}")
     if c.n_heads % mesh.size():
         raise ValueError(f"{c.n_heads} heads cannot be split over {mesh.size()} ranks; pick n_heads divisible by it")
     if implementation == "by_hand":
@@ -201,6 +251,7 @@ def apply_tensor_parallel(model: GPT, mesh, *, implementation: str = "dtensor",
         for block in model.backbone.blocks:
             block.attn = TensorParallelAttention(block.attn, c.head_dim, c.n_heads, rank, world, comm)
             block.mlp = TensorParallelMLP(block.mlp, rank, world, comm)
+        model.grad_norm = lambda: tensor_parallel_grad_norm(model, comm.group)   # the engine clips with it
     elif implementation == "dtensor":
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
         plan = {name: RowwiseParallel() if name.endswith(("proj", "down")) else ColwiseParallel()

@@ -46,10 +46,10 @@ def unigram_window_losses(train_tokens: torch.Tensor, windows: torch.Tensor, voc
 
 
 def train_clm(tokens: torch.Tensor, config, *, steps: int, batch_size: int, lr: float, seed: int, device,
-              warmup_steps: int = 0, min_lr: float | None = None, desc: str = "train"):
+              warmup_steps: int = 0, min_lr: float | None = None, desc: str = "train", grad_clip: float | None = 1.0):
     """A course GPT initialised from ``seed`` and trained on random windows of ``tokens`` (their
-    order fixed by ``seed``), warmup then cosine decay to ``min_lr`` (``lr / 10`` by default).
-    Returns ``(model, history)``."""
+    order fixed by ``seed``), warmup then cosine decay to ``min_lr`` (``lr / 10`` by default), gradients
+    clipped to ``grad_clip`` (None: not clipped). Returns ``(model, history)``."""
     from ..data.loader import random_windows
     from ..model import GPT
     from ..optim import cosine_lr
@@ -64,5 +64,6 @@ def train_clm(tokens: torch.Tensor, config, *, steps: int, batch_size: int, lr: 
                                       cosine_steps=steps - 1)
     history = train(model, lambda i: {"input_ids": random_windows(tokens, batch_size=batch_size,
                                                                   seq_len=config.max_seq_len, generator=generator)},
-                    clm_objective, steps=steps, lr=lr, lr_schedule=schedule, device=device, seed=seed, desc=desc)
+                    clm_objective, steps=steps, lr=lr, lr_schedule=schedule, device=device, seed=seed, desc=desc,
+                    grad_clip=grad_clip)
     return model, history
