@@ -40,7 +40,7 @@ TOY_MAX = 7          # 1 + 2 + 3 + 1
 TOY_FREE = 1         # the check that needs no answer
 SANDBOXED = bwrap_problem() is None
 COURSE_EXERCISES = [REPO / "exercises" / f"{n}.ipynb" for n in ("01_objectives", "02_data", "03_distributed",
-                                                                "04_scaling")]
+                                                                "04_scaling", "09_scale")]
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -595,3 +595,15 @@ def test_a_check_without_id_or_probe_is_graded_on_its_visible_output(toy_exercis
     assert plain.probe_source is None and plain.judges == {}
     built = assemble(plain, _solution(), seed=3)
     assert "grading_probe" not in json.dumps(built.notebook)
+
+
+def test_chapter_9_exercise_gives_the_solution_full_marks_and_the_untouched_exercise_none():
+    # the hidden probes run each answer on fresh inputs: the merge on random block cuts (some blocks fully masked
+    # for some queries, merged in a random order), the router on random sizes, μP's rates at a random width
+    scale = REPO / "exercises" / "09_scale.ipynb"
+    ex = load_exercise(scale)
+    assert sum(c.max_points for c in ex.checks) == 10
+    full = grade_notebook(REPO / "solutions" / "09_scale.ipynb", ex)
+    assert (full.status, full.points) == ("graded", 10), full.notes
+    untouched = grade_notebook(scale, ex)
+    assert (untouched.status, untouched.points) == ("graded", 0), untouched.notes

@@ -2,7 +2,8 @@
 # an expression is called on inputs drawn from the run's secret seed. Every judge's message names the
 # section that explains the answer, so the feedback points a student to what to reread.
 FORBIDDEN = {"cosine_lr", "compute_optimal", "compute_overhead", "ring_traffic_factor", "clip_grad_norm_",
-             "schedules.cosine_lr", "scaling.compute_optimal", "scaling.compute_overhead"}
+             "schedules.cosine_lr", "scaling.compute_optimal", "scaling.compute_overhead", "layer_activation_values",
+             "hidden_lr_scale"}
 
 SECTIONS = {
     "q01-mask-tokens": "1.1 Masked language modelling, 'The 80/10/10 rule'",
@@ -36,6 +37,10 @@ SECTIONS = {
     "q29-host-reads": "6.1 What to watch, '4. Host reads'",
     "q30-tokens-per-step": "7.1 Pretraining a GPT, 'The config'",
     "q31-exact-resume": "7.3 Kill, resume, and scale out, 'Resume'",
+    "q32-activation-bytes": "9.4 Activation memory and low precision, 'What a step keeps in memory'",
+    "q33-innermost": "9.1 Composing parallelisms on a device mesh, 'A mesh gives every rank coordinates'",
+    "q34-mup-hidden-lr": "9.5 μP, 'Why the best learning rate moves with the width'",
+    "q35-zigzag": "9.2 Context parallelism, 'Load balance under the causal mask'",
 }
 
 
@@ -102,6 +107,10 @@ _DRAWS = {
     "q27-mfu": ("q27_mfu", lambda r: (float(10 ** r.uniform(6, 11)), float(10 ** r.uniform(2, 6)),
                                       float(10 ** r.uniform(12, 16)))),
     "q30-tokens-per-step": ("q30_tokens_per_step", lambda r: tuple(int(r.integers(1, 65)) for _ in range(4))),
+    "q32-activation-bytes": ("q32_block_activation_bytes", lambda r: (int(r.integers(1, 8193)), int(r.integers(1, 65)),
+                                                                      int(r.integers(1, 129)) * 64)),
+    "q34-mup-hidden-lr": ("q34_mup_hidden_lr", lambda r: (float(10 ** r.uniform(-5, -1)), int(r.integers(1, 65)) * 32,
+                                                          int(r.choice([32, 64, 128, 256])))),
 }
 _NUMBERS = {"q01-mask-tokens": ("q01_mask_tokens", 1e-3), "q02-unchanged-targets": ("q02_unchanged_targets", 1e-3),
             "q18-n-opt": ("q18_n_opt", 1e-2), "q19-d-opt": ("q19_d_opt", 1e-2), "q20-overhead": ("q20_overhead", 2e-2),
@@ -109,7 +118,8 @@ _NUMBERS = {"q01-mask-tokens": ("q01_mask_tokens", 1e-3), "q02-unchanged-targets
 _LETTERS = {"q05-padding": "q05_padding", "q09-shard-dtype": "q09_shard_dtype", "q11-byte-bpe": "q11_byte_bpe",
             "q15-tp-allreduce": "q15_tp_allreduce", "q16-double-allreduce": "q16_double_allreduce",
             "q21-n-opt-growth": "q21_n_opt_growth", "q26-bf16": "q26_bf16", "q28-first-loss": "q28_first_loss",
-            "q29-host-reads": "q29_host_reads", "q31-exact-resume": "q31_exact_resume"}
+            "q29-host-reads": "q29_host_reads", "q31-exact-resume": "q31_exact_resume",
+            "q33-innermost": "q33_innermost", "q35-zigzag": "q35_zigzag"}
 
 
 def _judge(cid, compare):
