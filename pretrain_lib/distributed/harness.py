@@ -49,7 +49,9 @@ class StrategyRun:
             check(self.args, self.ctx)
         inject_fault(self.args, self.ctx)
         self.autocast: torch.dtype | None = autocast_dtype(self.args, self.ctx.device)
-        self.reference_model, losses = reference_run(self.args, self.ctx.device, autocast=self.autocast)
+        self.reference_grad_norms: list[float] = []
+        self.reference_model, losses = reference_run(self.args, self.ctx.device, autocast=self.autocast,
+                                                     grad_norms=self.reference_grad_norms)
         self.reference = params_of(self.reference_model)
         self.metrics = run_header(strategy, self.args, self.ctx, self.reference_model, losses, self.autocast)
 

@@ -29,12 +29,9 @@ from .pipeline_stages import gather_params, last_stage_losses
 from .reference import global_batch, strategy_model, strategy_optimizer
 from .tensor_parallel import gather_full_params
 from .tensor_parallel_layers import TensorParallelComm
+from .zero import _local, _state_bytes
 
 VARIANTS = ("fsdp_tp", "pp_dp", "fsdp_tp_same_data")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def held_bytes(params, opt: torch.optim.Optimizer) -> dict[str, int]:
@@ -42,8 +39,7 @@ def held_bytes(params, opt: torch.optim.Optimizer) -> dict[str, int]:
     params = list(params)
     return {"params": sum(tensor_bytes(_local(p)) for p in params),
             "grads": sum(tensor_bytes(_local(p.grad)) for p in params if p.grad is not None),
-            "optim": sum(tensor_bytes(_local(v)) for s in opt.state.values() for v in s.values()
-                         if torch.is_tensor(v) and v.dim() > 0)}
+            "optim": _state_bytes(opt)}
 
 
 def _per_step(counter: CollectiveBytes, steps: int) -> dict[str, dict[str, float]]:
@@ -105,15 +101,6 @@ def train_pp_dp(args, ctx) -> dict:
                              tied_copies_max_abs_diff=float((head - params["backbone.tok_emb.weight"]).abs().max()))}
 
 
-def reference_grad_norms(args) -> list[float]:
-    """One process's gradient norm per step on the whole batch (the strategies' reference run, again,
-    for the norms it does not record)."""
-    model = strategy_model(args)
-    opt = strategy_optimizer(model, args)
-    return [float(train_step(model, [{"input_ids": global_batch(step, args)}], clm_objective, opt).grad_norm)
-            for step in range(args.steps)]
-
-
 def _arguments(parser) -> None:
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel ranks (fsdp_tp); dp = world / tp")
     parser.add_argument("--pp", type=int, default=2, help="pipeline stages (pp_dp); dp = world / pp")
@@ -135,7 +122,7 @@ def _fits(args, ctx) -> None:
 def main(argv: list[str] | None = None) -> None:
     run = StrategyRun("mesh", "FSDP x tensor parallel and pipeline x data parallel on a 2-D device mesh.",
                       VARIANTS, argv, add_arguments=_arguments, check=_fits)
-    run.metrics["reference_grad_norms"] = reference_grad_norms(run.args)
+    run.metrics["reference_grad_norms"] = run.reference_grad_norms
     for variant in run.variants():
         if variant == "pp_dp":
             out = train_pp_dp(run.args, run.ctx)

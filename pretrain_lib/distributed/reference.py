@@ -51,18 +51,23 @@ def strategy_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.opti
 
 
 def reference_run(args: argparse.Namespace, device: torch.device | str = "cpu", n_rows: int | None = None,
-                  autocast: torch.dtype | None = None) -> tuple[GPT, list[float]]:
+                  autocast: torch.dtype | None = None, grad_norms: list[float] | None = None) -> tuple[GPT, list[float]]:
     """One process training on the full global batch with the engine: what every strategy must reproduce.
 
     ``n_rows`` keeps only the first rows of each step's batch ``(n_rows, seq_len)``: what one
     rank alone would train on (used to show what the "same data on every rank" mistake equals).
+    ``grad_norms``, when given, receives each step's gradient norm (the norm the engine clips by).
     """
     model = strategy_model(args, device)
     opt = strategy_optimizer(model, args)
-    losses = []
+    losses, norms = [], []
     for step in range(args.steps):
         ids = global_batch(step, args)[:n_rows].to(device)
-        losses.append(train_step(model, [{"input_ids": ids}], clm_objective, opt, autocast=autocast).loss)
+        result = train_step(model, [{"input_ids": ids}], clm_objective, opt, autocast=autocast)
+        losses.append(result.loss)
+        norms.append(result.grad_norm)
+    if grad_norms is not None:
+        grad_norms.extend(read_losses(norms))   # one host read for all steps
     return model, read_losses(losses)
 
 
