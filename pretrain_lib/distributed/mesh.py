@@ -28,6 +28,7 @@ of chapter 3's formulas (``comm_model``).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 
 import torch
@@ -57,8 +58,8 @@ def build_mesh(device_type: str, sizes: dict[str, int]):
     names = tuple(d for d in MESH_ORDER if d in sizes)
     shape = tuple(sizes[d] for d in names)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if int(torch.tensor(shape).prod()) != world:
-        raise ValueError(f"mesh {dict(zip(names, shape))} needs {int(torch.tensor(shape).prod())} ranks; "
+    if math.prod(shape) != world:
+        raise ValueError(f"mesh {dict(zip(names, shape))} needs {math.prod(shape)} ranks; "
                          f"this job has {world}")
     return init_device_mesh(device_type, shape, mesh_dim_names=names)
 
