@@ -47,6 +47,7 @@ class ArmRun:
     imbalance: list[float] = field(default_factory=list)   # per step, mean over MoE layers
     dropped: list[int] = field(default_factory=list)       # assignments dropped by capacity, per step
     loads: list[torch.Tensor] = field(default_factory=list)  # per step: (n_moe_layers, E) assignments per expert
+    mean_gate: list[float] = field(default_factory=list)     # per step: the kept assignments' mean gate, over layers
     final_windows: torch.Tensor | None = None
     seconds: float = 0.0
 
@@ -88,6 +89,8 @@ def _train_arm(model: GPT, run: ArmRun, next_batch: Callable, evaluate: Callable
                 run.imbalance.append(imbalance(model))
                 run.dropped.append(sum(int(m.dropped) for m in moe_layers(model)))
                 run.loads.append(torch.stack([m.load.detach().cpu() for m in moe_layers(model)]))
+                run.mean_gate.append(sum(float(m.last_routing.gates.detach()[m.last_routing.keep].mean())
+                                         for m in moe_layers(model)) / len(moe_layers(model)))
             if state.step % every == 0 or state.step == steps:
                 run.eval_steps.append(state.step)
                 evaluate(model, state.step == steps)

@@ -274,6 +274,7 @@ def test_moe_runs_text_arm_records_loss_and_expert_load():
     assert len(moe.imbalance) == 4 and all(1.0 <= v <= 4 / 2 for v in moe.imbalance) and dense.imbalance == []
     # every step's load: 2 layers x 4 experts, and each layer's loads sum to the step's 4 x 16 tokens x k = 2
     assert len(moe.loads) == 4 and all(l.shape == (2, 4) and (l.sum(-1) == 128).all() for l in moe.loads)
+    assert len(moe.mean_gate) == 4 and all(0 < g < 1 for g in moe.mean_gate)   # renormalised top-2 gates: each in (0, 1)
     # 2 of 4 experts of width 32 = the dense 64-wide MLP's weights; per layer a 4 × 16 router and a second
     # output bias (2 · (32 + 16) biases against 64 + 16) more
     assert moe.active_params == dense.active_params + 2 * (4 * 16 + 16) and moe.total_params > dense.total_params
