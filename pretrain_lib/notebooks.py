@@ -13,19 +13,27 @@ those run first, one at a time, on an otherwise idle machine with the default th
 The others start longest first, by the one-thread seconds ``make run`` last recorded in
 ``chapters/run_seconds.json`` (``--record-seconds``): the longest lessons started last would
 leave one core idle while the other finishes them.
+
+A run at the defaults (no ``--params``) also writes ``build/defaults_passed.json``: the notebooks
+that passed, every claim checked, and a fingerprint of the files they could depend on. The test
+suite then skips the test-size run of a notebook listed there while the fingerprint still matches
+(that run checks a subset of what the defaults run checked); any edit to the course reruns it.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from .utils import REPO_ROOT
@@ -83,6 +91,58 @@ def record_seconds(runs: list[NotebookRun], file: Path = RUN_SECONDS) -> None:
     record.update({r.notebook: round(r.seconds) for r in runs if r.ok})
     record = {name: round(seconds) for name, seconds in sorted(record.items())}   # whole seconds, as read back
     Path(file).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+DEFAULTS_RECORD = "defaults_passed.json"   # in the build folder
+# under tests/, only what a notebook's test-size run reads; every other file of the checkout counts
+TEST_FILES_NOTEBOOKS_READ = ("tests/notebook_params/", "tests/conftest.py", "tests/test_notebooks.py")
+SECONDS_FILE = "chapters/run_seconds.json"   # orders the runs, changes no outcome; --record-seconds rewrites it
+
+
+def tree_fingerprint(root: Path = REPO_ROOT) -> str | None:
+    """A hash of every file a notebook's run can depend on, read from disk: the files git tracks or
+    would track (ignored build output excluded), tests/ apart from the notebook parameters, plus the
+    Python and torch versions. ``None`` outside a git checkout: then nothing is ever reused."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                cwd=root, capture_output=True, check=True).stdout.decode()
+    except (OSError, subprocess.CalledProcessError, UnicodeDecodeError):
+        return None
+    digest = hashlib.sha256(f"{sys.version}|torch {metadata.version('torch')}".encode())
+    for name in sorted(set(listed.split("\0")) - {""}):
+        if (name.startswith("tests/") and not name.startswith(TEST_FILES_NOTEBOOKS_READ)) or name == SECONDS_FILE:
+            continue
+        path = Path(root) / name
+        if path.is_file():   # a file deleted from the work tree but still in git's index is skipped
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def record_defaults_passed(runs: list[NotebookRun], build_dir: Path, fingerprint: str | None) -> None:
+    """Add the notebooks that passed at their defaults to the build folder's record of ``fingerprint``
+    (a record of another fingerprint is replaced: its tree is gone)."""
+    if fingerprint is None:
+        return
+    file = Path(build_dir) / DEFAULTS_RECORD
+    passed = passed_at_defaults(build_dir, fingerprint)
+    passed |= {r.notebook for r in runs if r.ok}
+    passed -= {r.notebook for r in runs if not r.ok}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({"fingerprint": fingerprint, "passed": sorted(passed)}, indent=1) + "\n",
+                    encoding="utf-8")
+
+
+def passed_at_defaults(build_dir: Path = REPO_ROOT / "build", fingerprint: str | None = None) -> set[str]:
+    """The notebooks (as the table names them) that passed at their defaults on a tree whose
+    fingerprint is ``fingerprint`` (this checkout's now, by default); empty without a matching record."""
+    fingerprint = fingerprint or tree_fingerprint()
+    try:
+        record = json.loads((Path(build_dir) / DEFAULTS_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(record, dict) or fingerprint is None or record.get("fingerprint") != fingerprint:
+        return set()
+    return {str(n) for n in record.get("passed", [])}
 
 
 def _one_thread_per_kernel() -> None:
@@ -242,11 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     for p in paths:
         if args.params and p.stem not in overrides:
             print(f"({p.stem} has no entry in {args.params}: it runs at its defaults)", flush=True)
+    before = None if args.params else tree_fingerprint()
     start = time.perf_counter()
     runs = run_all(paths, jobs=args.jobs, parameters=overrides, build_dir=Path(args.build_dir),
                    timeout_s=args.timeout, on_done=lambda run: print(progress_line(run, width), flush=True))
     wall = time.perf_counter() - start
     print_table(runs, wall_s=wall if args.jobs > 1 else None)
+    if before is not None and tree_fingerprint() == before:   # a file edited during the run proves nothing
+        record_defaults_passed(runs, Path(args.build_dir), before)
     if args.record_seconds:
         record_seconds(runs)
     for r in runs:

@@ -129,3 +129,63 @@ def test_recorded_seconds_merge_only_notebooks_that_ran_ok_and_a_bad_record_is_i
 def test_the_shipped_record_names_every_chapter_notebook():
     missing = {display_path(p) for p in notebooks.chapter_notebooks()} ^ set(notebooks.recorded_seconds())
     assert not missing, f"record the seconds with `make run RECORD=1` (or fix chapters/run_seconds.json): {missing}"
+
+
+def _git_tree(root: Path) -> Path:
+    import subprocess
+    for name, text in {"pretrain_lib/lib.py": "A = 1\n", "tests/test_lib.py": "def test(): pass\n",
+                       "tests/notebook_params/09_test.json": "{}\n", ".gitignore": "build/\n"}.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run(["git", "-C", str(root), "add", "-A"], check=True)
+    return root
+
+
+def test_the_fingerprint_follows_what_a_notebook_can_read_and_ignores_build_output_and_other_tests(tmp_path):
+    root = _git_tree(tmp_path / "repo")
+    first = notebooks.tree_fingerprint(root)
+    assert first is not None and len(first) == 64
+    (root / "build").mkdir()
+    (root / "build" / "executed.ipynb").write_text("{}")                 # ignored output
+    (root / "tests" / "test_lib.py").write_text("def test(): assert 1\n")  # a test a notebook never reads
+    assert notebooks.tree_fingerprint(root) == first
+    (root / "tests" / "notebook_params" / "09_test.json").write_text('{"x": 2}\n')
+    second = notebooks.tree_fingerprint(root)
+    assert second != first
+    (root / "pretrain_lib" / "new_module.py").write_text("B = 2\n")      # untracked, not ignored: counts
+    third = notebooks.tree_fingerprint(root)
+    assert third not in (first, second)
+    (root / "pretrain_lib" / "new_module.py").unlink()
+    (root / "pretrain_lib" / "lib.py").write_text("A = 2\n")
+    assert notebooks.tree_fingerprint(root) not in (first, second, third)
+    assert notebooks.tree_fingerprint(tmp_path / "not_a_checkout") is None
+
+
+def test_a_defaults_run_records_what_passed_and_only_the_same_tree_reuses_it(tmp_path, monkeypatch, capsys):
+    ok = _notebook(tmp_path, "04_ok.ipynb", "print(x)")
+    bad = _notebook(tmp_path, "05_bad.ipynb", "assert x == 2, 'claim x_is_two failed'")
+    build = tmp_path / "build"
+    tree = {"fingerprint": "a" * 64}
+    monkeypatch.setattr(notebooks, "tree_fingerprint", lambda root=None: tree["fingerprint"])
+    assert notebooks.main([str(ok), str(bad), "--build-dir", str(build)]) == 1
+    assert notebooks.passed_at_defaults(build, "a" * 64) == {display_path(ok)}
+    assert notebooks.passed_at_defaults(build, "b" * 64) == set()        # any edit: nothing is reused
+    params = tmp_path / "params.json"                                      # a run at other sizes proves nothing
+    params.write_text(json.dumps({"05_bad": {"x": 2}}))
+    assert notebooks.main([str(bad), "--build-dir", str(build), "--params", str(params)]) == 0
+    assert notebooks.passed_at_defaults(build, "a" * 64) == {display_path(ok)}
+    tree["fingerprint"] = "c" * 64                                         # a new tree replaces the record
+    assert notebooks.main([str(ok), "--build-dir", str(build)]) == 0
+    assert notebooks.passed_at_defaults(build, "c" * 64) == {display_path(ok)}
+    assert notebooks.passed_at_defaults(build, "a" * 64) == set()
+    (build / notebooks.DEFAULTS_RECORD).write_text("not json")
+    assert notebooks.passed_at_defaults(build, "c" * 64) == set()
+
+
+def test_a_file_edited_during_the_run_leaves_no_record(tmp_path, monkeypatch):
+    ok = _notebook(tmp_path, "06_ok.ipynb", "print(x)")
+    prints = iter(["a" * 64, "d" * 64])
+    monkeypatch.setattr(notebooks, "tree_fingerprint", lambda root=None: next(prints))
+    assert notebooks.main([str(ok), "--build-dir", str(tmp_path / "build")]) == 0
+    assert not (tmp_path / "build" / notebooks.DEFAULTS_RECORD).exists()
