@@ -75,6 +75,9 @@ def check_exportable(run: LoadedRun) -> None:
             "default architecture (learned positions, LayerNorm, GELU MLP) maps exactly onto GPT2LMHeadModel. The "
             "Llama layout has rotary positions but also RMSNorm, bias-free layers and a gated MLP, all of which must "
             "be set together; train with the defaults to export")
+    if not m.tie_embeddings:
+        raise ExportError("this GPT's output layer is untied (tie_embeddings=False); the export writes GPT-2's "
+                          "layout, whose output layer is the token embedding: train with tie_embeddings=True")
 
 
 def gpt2_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

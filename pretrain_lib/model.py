@@ -45,6 +45,9 @@ class ModelConfig:
     # μP (chapter 9.5, pretrain_lib.mup): the width the hyperparameters were tuned at; 0 is the standard
     # parametrisation. Changes the init, the attention scale and the logits; build_optimizer sets the LRs.
     mup_base_width: int = 0
+    # The GPT's output layer is its token embedding (tied, as in GPT-2); False gives it its own table
+    # (Llama, μP's derivation). The MLM decoder, pipeline stages, tensor parallel and export need tied.
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_seq_len"):
@@ -65,6 +68,8 @@ class ModelConfig:
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"position='rope' rotates pairs of channels: head_dim={self.head_dim} must be even")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"ModelConfig.tie_embeddings must be True or False, got {self.tie_embeddings!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.moe_experts:
@@ -256,6 +261,18 @@ def materialise(model: nn.Module, device: torch.device | str = "cpu") -> nn.Modu
     return model
 
 
+class OutputLayer(nn.Module):
+    """An untied output layer: a ``(vocab, d_model)`` table the hidden state is multiplied by. Like an
+    embedding, one dimension grows with the width and the other (the vocabulary) does not, so μP
+    gives it the embedding's rules (``readout = True`` tells ``mup.is_hidden_matrix``)."""
+
+    readout = True
+
+    def __init__(self, vocab_size: int, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+
+
 class _LanguageModel(nn.Module):
     config: ModelConfig
     backbone: TransformerBackbone
@@ -278,8 +295,8 @@ class _LanguageModel(nn.Module):
         under 2 % of N from d_model = 64 on (notebook 6.1 checks the split). Position
         embeddings are a lookup, not a multiply, so they are left out. With mixture-of-experts layers
         N counts the *active* parameters: a token multiplies by k of the E experts, not all."""
-        return (self.num_params(non_embedding=True) + self.config.vocab_size * self.config.d_model
-                - inactive_expert_params(self))
+        tied_head = self.config.vocab_size * self.config.d_model if self.config.tie_embeddings else 0
+        return self.num_params(non_embedding=True) + tied_head - inactive_expert_params(self)
 
     def _readout(self, logits: torch.Tensor) -> torch.Tensor:
         """μP's output multiplier base_width/width on the logits (nothing under SP)."""
@@ -310,7 +327,8 @@ class _LanguageModel(nn.Module):
 
 
 class GPT(_LanguageModel):
-    """Decoder-only causal language model with the output projection tied to the token embedding."""
+    """Decoder-only causal language model; its output projection is the token embedding unless
+    ``config.tie_embeddings`` is False, when it is a table of its own (``head``)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -318,14 +336,19 @@ class GPT(_LanguageModel):
             raise ValueError("GPT is a causal decoder: build it from a ModelConfig with causal=True")
         self.config = config
         self.backbone = TransformerBackbone(config)
+        self.head = None if config.tie_embeddings else OutputLayer(config.vocab_size, config.d_model)
         _init_weights(self, config)
+
+    def readout_weight(self) -> torch.Tensor:
+        """The ``(vocab, d_model)`` matrix the last hidden state is multiplied by."""
+        return self.backbone.tok_emb.weight if self.head is None else self.head.weight
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 prefix_len: torch.Tensor | None = None) -> torch.Tensor:
         """``prefix_len`` ``(batch,)`` (prefix LM): the first ``prefix_len`` tokens of each row
         attend to each other in both directions; None (the default) is a plain causal decoder."""
         h = self.backbone(input_ids, attention_mask, prefix_len)
-        return self._readout(h @ self.backbone.tok_emb.weight.T)  # tied embeddings
+        return self._readout(h @ self.readout_weight().T)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
@@ -358,6 +381,9 @@ class MaskedLM(_LanguageModel):
         super().__init__()
         if config.causal:
             raise ValueError("MaskedLM is a bidirectional encoder: build it from a ModelConfig with causal=False")
+        if not config.tie_embeddings:
+            raise ValueError("the MaskedLM's decoder is tied to its token embedding (BERT's layout); "
+                             "build it with tie_embeddings=True")
         self.config = config
         self.backbone = TransformerBackbone(config)
         self.head_dense = nn.Linear(config.d_model, config.d_model)

@@ -13,11 +13,12 @@ activations *and their change per step* stay the same size as the width grows:
 
 plus two multipliers in the forward pass:
 
-- the output logits are multiplied by ``1/m``. The course GPT ties its readout to the token
-  embedding, so the readout cannot be zero-initialised or given its own init; TP V's μP table
-  has an equivalent form we use instead: an output *multiplier* 1/fan-in with a constant
-  init and a constant Adam LR, which are exactly the input embedding's rules, so one tensor
-  serves both roles. (The mup package's ``MuSharedReadout`` does the same.)
+- the output logits are multiplied by ``1/m``. TP V's μP table has this form for the readout:
+  an output *multiplier* 1/fan-in with a constant init and a constant Adam LR, which are exactly
+  the input embedding's rules, so a tied table can serve both roles (the mup package's
+  ``MuSharedReadout`` does the same) and an untied one (``ModelConfig(tie_embeddings=False)``)
+  gets them too. Notebook 9.5 measures that the tie costs μP's wide model: one Adam update for
+  the sum of both roles' gradients is a case the derivation does not cover.
 - attention scores are ``q·k · sqrt(base_head_dim) / head_dim`` instead of ``q·k / sqrt(head_dim)``:
   after training, q and k are correlated, so q·k grows like ``head_dim``, not its square root.
 
@@ -65,8 +66,10 @@ def attention_scale(config) -> float | None:
 
 
 def is_hidden_matrix(module_of: dict[int, nn.Module], p: nn.Parameter) -> bool:
-    """A ≥2-D weight whose both dimensions grow with the width (not an embedding table)."""
-    return p.dim() >= 2 and not isinstance(module_of.get(id(p)), nn.Embedding)
+    """A ≥2-D weight whose both dimensions grow with the width (not an embedding table, not an
+    untied output layer: a module that declares ``readout = True``)."""
+    module = module_of.get(id(p))
+    return p.dim() >= 2 and not isinstance(module, nn.Embedding) and not getattr(module, "readout", False)
 
 
 def owners(model: nn.Module) -> dict[int, nn.Module]:

@@ -40,11 +40,12 @@ def char_tokens(max_chars: int = 300_000, val_fraction: float = 0.1) -> TokenDat
 
 
 def width_config(vocab_size: int, width: int, *, mup_base_width: int, n_layers: int = 2, n_heads: int = 4,
-                 seq_len: int = 64) -> ModelConfig:
+                 seq_len: int = 64, tie_embeddings: bool = True) -> ModelConfig:
     """The course GPT at ``width`` (d_ff = 4·width, a fixed number of heads, so the head dimension grows
-    with the width, as μP's width ratio assumes); ``mup_base_width=0`` is SP."""
+    with the width, as μP's width ratio assumes); ``mup_base_width=0`` is SP; ``tie_embeddings=False``
+    gives the output layer its own table."""
     return ModelConfig(vocab_size=vocab_size, d_model=width, n_heads=n_heads, n_layers=n_layers,
-                       max_seq_len=seq_len, mup_base_width=mup_base_width)
+                       max_seq_len=seq_len, mup_base_width=mup_base_width, tie_embeddings=tie_embeddings)
 
 
 @torch.no_grad()

@@ -264,7 +264,7 @@ def sparse_clm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attent
     if not (hasattr(lm, "backbone") and hasattr(lm, "_readout")) or hasattr(lm, "head_dense"):
         return clm_loss(model(input_ids, attention_mask, prefix_len=prefix_len), labels), chosen.sum()
     hidden = lm.backbone(input_ids, attention_mask, prefix_len)[:, :-1]
-    logits = lm._readout(hidden[chosen] @ lm.backbone.tok_emb.weight.T)     # GPT.forward's head, on (n, d)
+    logits = lm._readout(hidden[chosen] @ lm.readout_weight().T)     # GPT.forward's head, on (n, d)
     n = chosen.sum()
     return F.cross_entropy(logits.float(), targets[chosen], reduction="sum") / n.clamp(min=1), n
 

@@ -70,7 +70,8 @@ def test_greedy_generate_in_transformers_gives_the_course_text(exported):
     assert prompt + tok.decode(ids[0, enc.input_ids.size(1):]) == done.stdout
 
 
-@pytest.mark.parametrize("name, message", [("rope", "position='rope'"), ("bert", "post-LayerNorm")])
+@pytest.mark.parametrize("name, message", [("rope", "position='rope'"), ("bert", "post-LayerNorm"),
+                                           ("untied", "tie_embeddings=False")])
 def test_what_gpt2_cannot_represent_is_refused_with_the_reason(tmp_path_factory, tmp_path, name, message):
     done = cli("pretrain_lib.export", "--checkpoint", str(train_run(tmp_path_factory, name)), "--format", "hf",
                "--out", str(tmp_path / "out"))

@@ -33,6 +33,8 @@ RUNS = {
     "bert": ("bert-small", (*SMALL, "model.seq_len=32", "train.steps=20", "data.max_docs=1", "data.vocab_size=400")),
     "rope": ("gpt-char-tiny", (*SMALL, "model.seq_len=32", "train.steps=10", "data.max_docs=1",
                                "model.position=\"rope\"")),
+    "untied": ("gpt-char-tiny", (*SMALL, "model.seq_len=32", "train.steps=10", "data.max_docs=1",
+                                 "model.tie_embeddings=false")),
 }
 
 

@@ -66,7 +66,7 @@ def test_mesh_compositions_equal_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("option", [{"position": "rope"}, {"qk_norm": True}, {"mlp": "swiglu"},
-                                    {"moe_experts": 4}])
+                                    {"moe_experts": 4}, {"tie_embeddings": False}])
 def test_tensor_parallel_refuses_blocks_it_does_not_split(option):
     # its split attention has no rotary positions or qk-norm, its MLP is GELU's up/down: anything else would train
     # a different model without an error; refused before any process group is needed

@@ -204,3 +204,38 @@ def test_char_tokens_and_the_coordinate_check_through_the_engine():
     # SP's outputs about in proportion to the width (4x here); μP keeps them flat. Bounds with a margin either side.
     assert all(g > 2.0 for g in growth[0].values()), growth
     assert all(0.6 < g < 1.4 for g in growth[32].values()), growth
+
+
+def test_an_untied_output_layer_gets_the_embedding_rules_and_its_own_table():
+    # width 256, base 64 (m = 4): the untied head is vector-like (one dimension is the vocabulary), so it keeps
+    # SP's init std 0.02 and the nominal learning rate, and the logits are (h @ head.T) / m, worked by hand
+    model = seeded_model(mup_config(256, tie_embeddings=False), 0).eval()
+    head = model.head.weight
+    assert head.shape == (64, 256) and head.data_ptr() != model.backbone.tok_emb.weight.data_ptr()
+    assert head.std().item() == pytest.approx(0.02, rel=0.02)
+    groups = group_of(build_optimizer(model, lr=1e-2, weight_decay=0.1), model)
+    assert groups["head.weight"]["lr"] == 1e-2 and groups["head.weight"]["weight_decay"] == 0.1
+    assert groups["backbone.blocks.0.mlp.up.weight"]["lr"] == pytest.approx(2.5e-3, rel=1e-12)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        by_hand = model.backbone(ids) @ head.T / 4
+        assert torch.allclose(model(ids), by_hand, atol=1e-6)
+        model.head.weight.add_(1.0)                        # the head is not the embedding: only the readout moves
+        assert torch.allclose(model(ids), by_hand + model.backbone(ids).sum(-1, keepdim=True) / 4, atol=1e-5)
+    tied = seeded_model(mup_config(256), 0)
+    assert model.num_params() == tied.num_params() + 64 * 256          # one more (vocab, d) table
+    assert model.matmul_params() == tied.matmul_params()               # the readout multiplies either way
+
+
+def test_untied_output_layer_is_refused_where_the_tie_is_assumed():
+    from pretrain_lib.distributed.pipeline_stages import Stage
+    from pretrain_lib.optim.builder import muon_matrices
+    untied = dict(vocab_size=64, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, tie_embeddings=False)
+    model = GPT(ModelConfig(**untied))
+    assert id(model.head.weight) not in {id(p) for p in muon_matrices(model)}   # Muon leaves the readout to AdamW
+    with pytest.raises(ValueError, match="tie_embeddings=True"):
+        Stage(model, 0, 2)
+    with pytest.raises(ValueError, match="tie_embeddings=True"):
+        MaskedLM(ModelConfig(**{**untied, "causal": False}))
+    with pytest.raises(ValueError, match="tie_embeddings must be True or False"):
+        ModelConfig(**{**untied, "tie_embeddings": "no"})

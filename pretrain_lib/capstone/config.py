@@ -58,6 +58,7 @@ class ModelSection:
     norm: str = "layernorm"           # "layernorm" | "rmsnorm"
     mlp: str = "gelu"                 # "gelu" | "swiglu" (gated) | "relu2" (squared ReLU)
     qk_norm: bool = False             # RMS-normalise queries and keys per head
+    tie_embeddings: bool = True       # the GPT's output layer is its token embedding (false: a table of its own)
 
     CHOICES = {"kind": ("gpt", "bert"), "position": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
                "mlp": ("gelu", "swiglu", "relu2")}
@@ -70,6 +71,9 @@ class ModelSection:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must lie in [0, 1), got {self.dropout}")
+        if self.kind == "bert" and not self.tie_embeddings:
+            raise ConfigError("model.kind = 'bert' ties its decoder to the token embedding: set model.tie_embeddings = "
+                              "true")
         if self.moe_experts:
             if self.moe_experts < 2 or not 1 <= self.moe_top_k <= self.moe_experts:
                 raise ConfigError(f"model.moe_experts must be 0 or >= 2 and model.moe_top_k in [1, moe_experts]; "
@@ -230,9 +234,11 @@ class RunConfig:
         if mesh.dp * mesh.tp < 2:
             raise ConfigError(f"parallel = 'mesh' needs at least 2 ranks; [parallel] has dp = {mesh.dp}, tp = {mesh.tp}")
         if mesh.tp > 1:
-            if m.kind != "gpt" or m.position != "learned" or m.mlp != "gelu" or m.qk_norm or m.moe_experts:
+            if (m.kind != "gpt" or m.position != "learned" or m.mlp != "gelu" or m.qk_norm or m.moe_experts
+                    or not m.tie_embeddings):
                 raise ConfigError("tensor parallelism (parallel.tp > 1) splits the course GPT's default block: "
-                                  "model.kind = 'gpt', position = 'learned', mlp = 'gelu', qk_norm = false, no experts")
+                                  "model.kind = 'gpt', position = 'learned', mlp = 'gelu', qk_norm = false, no experts, "
+                                  "tie_embeddings = true")
             if m.n_heads % mesh.tp:
                 raise ConfigError(f"model.n_heads = {m.n_heads} cannot be split over parallel.tp = {mesh.tp} ranks")
             if m.dropout:

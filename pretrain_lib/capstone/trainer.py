@@ -80,7 +80,7 @@ def run_model(config: RunConfig, vocab_size: int) -> torch.nn.Module:
                      moe_experts=m.moe_experts, moe_top_k=m.moe_top_k, moe_capacity_factor=m.moe_capacity_factor,
                      moe_shared_experts=m.moe_shared_experts, moe_aux_loss_coef=m.moe_aux_loss_coef,
                      moe_bias_rate=m.moe_bias_rate,
-                     norm=m.norm, mlp=m.mlp, qk_norm=m.qk_norm)
+                     norm=m.norm, mlp=m.mlp, qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings)
     return seeded_model(mc, config.seed)
 
 

@@ -43,6 +43,9 @@ class Stage(nn.Module):
         if getattr(model.config, "position", "learned") != "learned":
             raise ValueError(f"pipeline stages are cut from a GPT with learned positions; this model uses "
                              f"position={model.config.position!r}: build it with ModelConfig(position='learned')")
+        if not getattr(model.config, "tie_embeddings", True):
+            raise ValueError("pipeline stages share the tied output layer between the first and last stage; this "
+                             "model's is untied: build it with ModelConfig(tie_embeddings=True)")
         self.first, self.last = stage == 0, stage == n_stages - 1
         self.tied_shape, self.tied_dtype = bb.tok_emb.weight.shape, bb.tok_emb.weight.dtype
         if self.first:

@@ -237,12 +237,12 @@ def apply_tensor_parallel(model: GPT, mesh, *, implementation: str = "dtensor",
     """
     c = model.config
     require_standard(c, "apply_tensor_parallel (its attention's softmax scale)")
-    unsupported = {k: v for k, v in (("position", c.position), ("qk_norm", c.qk_norm), ("mlp", c.mlp),
-                                     ("moe_experts", c.moe_experts), ("causal", c.causal))
-                   if v != {"position": "learned", "qk_norm": False, "mlp": "gelu", "moe_experts": 0, "causal": True}[k]}
+    default = {"position": "learned", "qk_norm": False, "mlp": "gelu", "moe_experts": 0, "causal": True,
+               "tie_embeddings": True}
+    unsupported = {k: getattr(c, k) for k in default if getattr(c, k) != default[k]}
     if unsupported:   # the split layers below implement the default block only; anything else would train wrong
         raise ValueError(f"apply_tensor_parallel splits the course GPT's default block (learned positions, GELU MLP, "
-                         f"no qk-norm, dense, causal); this model has {unsupported}")
+                         f"no qk-norm, dense, causal, tied output layer); this model has {unsupported}")
     if c.n_heads % mesh.size():
         raise ValueError(f"{c.n_heads} heads cannot be split over {mesh.size()} ranks; pick n_heads divisible by it")
     if implementation == "by_hand":

@@ -63,12 +63,12 @@ def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
 
     Left out: embedding tables (a lookup, each row updated on its own, is not a linear map
     whose singular values mean anything), and any ``nn.Linear`` that projects onto the
-    vocabulary (the output head; the course GPT ties it to the token embedding anyway).
+    vocabulary (the output head: the course GPT's untied ``OutputLayer``, or tied to the token embedding).
     """
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     excluded: set[int] = set()
     for module in model.modules():
-        if isinstance(module, nn.Embedding):
+        if isinstance(module, nn.Embedding) or getattr(module, "readout", False):   # an untied output layer
             excluded.add(id(module.weight))
         elif isinstance(module, nn.Linear) and vocab is not None and module.out_features == vocab:
             excluded.add(id(module.weight))
