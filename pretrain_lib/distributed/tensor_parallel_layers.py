@@ -225,6 +225,14 @@ class TensorParallelAttention(HeadSplitAttention):
 DTENSOR_PLAN = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.up", "mlp.down")
 
 
+def dtensor_plan() -> dict:
+    """The DTensor tensor-parallel plan of one block: q, k, v and up split by output features
+    (``ColwiseParallel``), proj and down by input features with their partial outputs summed
+    (``RowwiseParallel``): the Megatron split, written for ``parallelize_module``."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    return {name: RowwiseParallel() if name.endswith(("proj", "down")) else ColwiseParallel() for name in DTENSOR_PLAN}
+
+
 def apply_tensor_parallel(model: GPT, mesh, *, implementation: str = "dtensor",
                           comm: TensorParallelComm | None = None) -> GPT:
     """Split every block's attention (by heads) and MLP over the 1-D ``mesh`` (in place).
@@ -253,9 +261,8 @@ def apply_tensor_parallel(model: GPT, mesh, *, implementation: str = "dtensor",
             block.mlp = TensorParallelMLP(block.mlp, rank, world, comm)
         model.grad_norm = lambda: tensor_parallel_grad_norm(model, comm.group)   # the engine clips with it
     elif implementation == "dtensor":
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-        plan = {name: RowwiseParallel() if name.endswith(("proj", "down")) else ColwiseParallel()
-                for name in DTENSOR_PLAN}
+        from torch.distributed.tensor.parallel import parallelize_module
+        plan = dtensor_plan()
         for block in model.backbone.blocks:
             block.attn = HeadSplitAttention(block.attn, c.head_dim)
             parallelize_module(block, mesh, plan)
