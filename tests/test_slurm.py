@@ -24,19 +24,19 @@ from test_scale_out import logged_step, losses   # the two-node tests read the s
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "chapters" / "03_distributed" / "slurm" / "pretrain.sbatch"
-STEPS = 60
+STEPS = 600   # long enough that the signal lands mid-run on a fast machine (60 steps took 1.0 s and finished first)
 
 pytestmark = [pytest.mark.xdist_group("torchrun"),   # a 2-rank job: never beside another on 2 cores
               pytest.mark.skipif(missing_requirements() is not None, reason=str(missing_requirements()))]
 
 
 def job_args(out_dir: Path, cache_dir: Path) -> list[str]:
-    """The trainer's arguments after the script's own: a 1-layer model, 60 steps, a checkpoint every 20."""
+    """The trainer's arguments after the script's own: a 1-layer model, STEPS steps, a checkpoint every STEPS // 3."""
     values = {"seed": 7, "model.n_layers": 1, "model.n_heads": 2, "model.d_model": 32, "model.seq_len": 16,
               "model.dropout": 0.0, "data.max_docs": 1, "data.cache_dir": str(cache_dir), "train.steps": STEPS,
               "train.batch_size": 2, "train.warmup_steps": 3, "train.log_every": 1, "train.eval_every": STEPS,
               "train.eval_batches": 2, "train.sample_tokens": 0, "train.lr": 3e-3, "train.tensorboard": False,
-              "checkpoint.every": 20, "checkpoint.keep": 2}
+              "checkpoint.every": STEPS // 3, "checkpoint.keep": 2}
     return ["--out", str(out_dir), *(x for k, v in values.items() for x in ("--set", f"{k}={json.dumps(v)}"))]
 
 
@@ -63,7 +63,7 @@ def test_pretrain_sbatch_runs_is_preempted_requeued_and_resumes_exactly(tmp_path
         began = time.monotonic()
         cut = submit("cut")
         deadline = time.monotonic() + 300
-        while logged_step(tmp_path / "cut" / "metrics.jsonl") < 25:   # between the checkpoints at 20 and 40
+        while logged_step(tmp_path / "cut" / "metrics.jsonl") < STEPS // 3 + 5:   # past the first checkpoint, short of the second
             assert time.monotonic() < deadline and slurm.job(cut)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), \
                 (tmp_path / "cut.out").read_text()
             time.sleep(0.01)
